@@ -1,0 +1,1 @@
+"""Panel server: the feature map next to a steered, streaming chat."""
