@@ -1,0 +1,156 @@
+// The map page's side of the parent <-> map protocol. build_map/render_map.py injects this file
+// into the DataMapPlot page (its `custom_js`), where it runs at the end of the page's module
+// script and can see the page's `datamap` object.
+//
+// Map -> parent:  {type: 'feature-click', feature: <feature id>}   when a point is clicked
+//                 {type: 'map-ready'}                              once points and metadata are loaded
+// Parent -> map:  {type: 'highlight', features: [ids], id?: name}  select these features as the
+//                                                                  named set `name` ([] clears it)
+//                 {type: 'focus', feature: id}                     fly to that feature, highlight it
+// Named sets are shown together (their union). Messages that arrive before the data has loaded
+// are queued and applied in order. The page is also usable standalone: window.saeMap exposes the
+// same operations, and a click also fires a `sae-feature-click` event on window.
+(() => {
+  const LABEL_FONT = '600 16px "Roboto"';
+  // Sans-serif fallbacks for characters outside the embedded Roboto subsets.
+  const LABEL_FONT_STACK = '"Roboto", "Helvetica Neue", Arial, sans-serif';
+  const SELECTION_ID = 'sae-parent';
+  const FOCUS_SET = 'focus';
+  const FOCUS_MIN_ZOOM_STEP = 3; // zoom levels past the initial view when flying to a point
+
+  const namedSets = new Map(); // set name -> array of row indices
+  const queue = [];
+  let rowOfFeature = null; // Map: feature id -> row index in the page's point arrays
+  let initialZoom = null;
+
+  const until = (condition, timeoutMs = 120000) =>
+    new Promise((resolve, reject) => {
+      const start = Date.now();
+      const tick = () => {
+        if (condition()) resolve();
+        else if (Date.now() - start > timeoutMs) reject(new Error('map bridge: timed out waiting for the map'));
+        else setTimeout(tick, 25);
+      };
+      tick();
+    });
+
+  const dataLoaded = () =>
+    Boolean(datamap.pointLayer && datamap.pointData && datamap.metaData && datamap.metaData.feature);
+
+  function postToParent(message) {
+    // '*': a file:// page has an opaque origin that no target origin can name; the message only
+    // carries a public feature id, and the parent checks which window sent it.
+    if (window.parent !== window) window.parent.postMessage(message, '*');
+  }
+
+  function pointClicked(index) {
+    if (!datamap.metaData || index == null || index < 0) return;
+    const feature = datamap.metaData.feature[index];
+    postToParent({ type: 'feature-click', feature: feature });
+    window.dispatchEvent(new CustomEvent('sae-feature-click', { detail: { feature: feature } }));
+  }
+
+  function rowsOf(features) {
+    if (!Array.isArray(features)) return [];
+    const rows = [];
+    for (const feature of features) {
+      const row = rowOfFeature.get(Number(feature));
+      if (row !== undefined) rows.push(row);
+    }
+    return rows;
+  }
+
+  function showNamedSets() {
+    const union = new Set();
+    for (const rows of namedSets.values()) for (const row of rows) union.add(row);
+    if (union.size === 0) datamap.removeSelection(SELECTION_ID);
+    else datamap.addSelection([...union], SELECTION_ID);
+  }
+
+  function setNamedSet(name, rows) {
+    if (rows.length === 0) namedSets.delete(name);
+    else namedSets.set(name, rows);
+    showNamedSets();
+  }
+
+  function highlight(message) {
+    const name = typeof message.id === 'string' && message.id ? message.id : 'default';
+    setNamedSet(name, rowsOf(message.features));
+  }
+
+  function focus(message) {
+    const rows = rowsOf([message.feature]);
+    if (rows.length === 0) return;
+    const row = rows[0];
+    const viewport = datamap.deckgl.getViewports()[0];
+    const zoom = Math.max(viewport ? viewport.zoom : initialZoom, initialZoom + FOCUS_MIN_ZOOM_STEP);
+    const viewState = {
+      longitude: datamap.pointData.x[row],
+      latitude: datamap.pointData.y[row],
+      zoom: zoom,
+      transitionDuration: 700,
+      transitionInterpolator: new deck.FlyToInterpolator(),
+    };
+    datamap.deckgl.setProps({ initialViewState: viewState });
+    datamap.notifyViewStateChange(viewState);
+    setNamedSet(FOCUS_SET, [row]);
+  }
+
+  function handle(message) {
+    if (message.type === 'highlight') highlight(message);
+    else if (message.type === 'focus') focus(message);
+  }
+
+  function originAllowed(origin) {
+    if (origin === location.origin) return true;
+    // file:// pages have an opaque origin: serialised as "null" (or "file://" by some browsers).
+    return location.protocol === 'file:' && (origin === 'null' || origin === 'file://');
+  }
+
+  window.addEventListener('message', (event) => {
+    if (event.source !== window.parent || !originAllowed(event.origin)) return;
+    const message = event.data;
+    if (!message || typeof message !== 'object') return;
+    if (message.type !== 'highlight' && message.type !== 'focus') return;
+    if (rowOfFeature) handle(message);
+    else queue.push(message);
+  });
+
+  // Labels are drawn into a glyph atlas once; if that happens before the embedded web font has
+  // loaded, they stay in a fallback serif face. Re-create the atlas (a new font key) once the
+  // font is ready.
+  async function refreshLabelFont() {
+    try {
+      await document.fonts.load(LABEL_FONT, 'a\u0100');
+    } catch (error) {
+      console.warn('map bridge: label font did not load', error);
+    }
+    await until(() => datamap.labelLayer);
+    const old = datamap.labelLayer;
+    const fresh = old.clone({ fontFamily: LABEL_FONT_STACK });
+    const index = datamap.layers.indexOf(old);
+    if (index >= 0) datamap.layers = [...datamap.layers.slice(0, index), fresh, ...datamap.layers.slice(index + 1)];
+    datamap.labelLayer = fresh;
+    datamap.fontFamily = LABEL_FONT_STACK;
+    datamap.deckgl.setProps({ layers: [...datamap.layers] });
+  }
+
+  const ready = until(dataLoaded).then(() => {
+    initialZoom = datamap.deckgl.props.initialViewState.zoom;
+    const features = datamap.metaData.feature;
+    rowOfFeature = new Map();
+    for (let row = 0; row < features.length; row++) rowOfFeature.set(features[row], row);
+    while (queue.length) handle(queue.shift());
+    postToParent({ type: 'map-ready' });
+  });
+  const fontReady = refreshLabelFont();
+
+  window.saeMap = {
+    ready: ready,
+    fontReady: fontReady,
+    pointClicked: pointClicked,
+    rowOf: (feature) => (rowOfFeature ? rowOfFeature.get(Number(feature)) : undefined),
+    highlight: (features, id) => ready.then(() => highlight({ features: features, id: id })),
+    focus: (feature) => ready.then(() => focus({ feature: feature })),
+  };
+})();
