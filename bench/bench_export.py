@@ -1,0 +1,202 @@
+"""Benchmark `build-map export` on a synthetic bundle the size of Goodfire's SAEs.
+
+    python bench/bench_export.py [--features 65536] [--no-browser]
+
+Synthesises a bundle with realistic card data (10 top examples x 20 tokens drawn from a Zipf
+"corpus" over a 49k vocabulary, 10 logit-lens tokens each way, 10 neighbours, 3 cluster levels,
+1% hidden), exports it and prints: export time, file size and its parts, and the first paint in
+headless Chromium (navigation -> map canvas drawn and card data parsed). Targets: export <= 60 s
+on 2 cores, file <= 40 MB, first paint <= 5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from build_map import bundle as bundle_format  # noqa: E402
+from build_map.export import export_bundle  # noqa: E402
+
+VOCAB = 49152
+
+
+def _vocabulary(rng: np.random.Generator) -> np.ndarray:
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = ["".join(rng.choice(letters, size=rng.integers(1, 9))) for _ in range(VOCAB - 6)]
+    spaced = [(" " + w if i % 3 else w) for i, w in enumerate(words)]
+    return np.array(["\n", " <b>", "&amp;", "'", ".", ","] + spaced, dtype=object)
+
+
+def _list_array(values: np.ndarray, width: int, type_: pa.DataType) -> pa.ListArray:
+    offsets = pa.array(np.arange(0, values.size + 1, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values, type=type_))
+
+
+def synthesize_bundle(
+    out: Path, n_features: int, *, seed: int = 0, n_examples: int = 10, n_tokens: int = 20
+) -> Path:
+    """Write a bundle with realistic card data straight from Arrow (pandas would take minutes)."""
+    rng = np.random.default_rng(seed)
+    vocab = _vocabulary(rng)
+    corpus = np.minimum(rng.zipf(1.15, size=3_200_000) - 1, VOCAB - 1)  # token ids of a chat corpus
+    n_levels, fanout = 3, (12, 6, 6)
+    fine = rng.integers(0, np.prod(fanout), size=n_features)
+    centres = rng.normal(size=(np.prod(fanout), 2)) * 8
+    xy = centres[fine] + rng.normal(size=(n_features, 2))
+    paths = [fine // int(np.prod(fanout[level + 1 :])) for level in range(n_levels)]
+    names = [
+        np.array([f"{'ABC'[level]}{i} topic" for i in range(int(np.prod(fanout[: level + 1])))])
+        for level in range(n_levels)
+    ]
+
+    def token_lists(width: int) -> pa.ListArray:
+        return _list_array(vocab[rng.integers(0, VOCAB, size=n_features * width)], width, pa.string())
+
+    features = {
+        "feature": pa.array(np.arange(n_features, dtype=np.int32)),
+        "x": pa.array(xy[:, 0].astype(np.float32)),
+        "y": pa.array(xy[:, 1].astype(np.float32)),
+        "label": pa.array(
+            [
+                f"{vocab[rng.integers(0, VOCAB)].strip()} and {vocab[rng.integers(0, VOCAB)].strip()} #{i}"
+                for i in range(n_features)
+            ]
+        ),
+        "label_source": pa.array(["auto"] * n_features),
+        "density": pa.array(rng.lognormal(-7, 1.5, size=n_features).astype(np.float32)),
+        "max_act": pa.array(rng.gamma(4, 2, size=n_features).astype(np.float32)),
+        "mean_act": pa.array(rng.gamma(2, 1, size=n_features).astype(np.float32)),
+        "top_tokens": token_lists(10),
+        "top_logits": token_lists(10),
+        "bottom_logits": token_lists(10),
+        "neighbors": _list_array(
+            rng.integers(0, n_features, size=n_features * 10).astype(np.int32), 10, pa.int32()
+        ),
+        "dead": pa.array(np.zeros(n_features, dtype=bool)),
+        "hidden": pa.array(rng.random(n_features) < 0.01),
+    }
+    for level in range(n_levels):
+        features[f"cluster_{level}"] = pa.array(names[level][paths[level]])
+
+    n_rows = n_features * n_examples
+    starts = rng.integers(0, corpus.size - n_tokens, size=n_rows)
+    tokens = corpus[starts[:, None] + np.arange(n_tokens)]  # (rows, n_tokens)
+    acts = np.where(rng.random((n_rows, n_tokens)) < 0.15, rng.exponential(1.0, (n_rows, n_tokens)), 0.0)
+    focus = rng.integers(n_tokens // 2, n_tokens, size=n_rows)
+    peak = rng.gamma(4, 2, size=n_rows)
+    acts[np.arange(n_rows), focus] = peak
+    examples = {
+        "feature": pa.array(np.repeat(np.arange(n_features, dtype=np.int32), n_examples)),
+        "rank": pa.array(np.tile(np.arange(n_examples, dtype=np.int32), n_features)),
+        "bucket": pa.array(["top"] * n_rows),
+        "act": pa.array(peak.astype(np.float32)),
+        "tokens": _list_array(vocab[tokens.ravel()], n_tokens, pa.string()),
+        "acts": _list_array(acts.astype(np.float32).ravel(), n_tokens, pa.float32()),
+    }
+    clusters = [
+        {
+            "level": lv,
+            "cluster": c,
+            "name": str(n),
+            "size": 1,
+            "x": 0.0,
+            "y": 0.0,
+            "parent": -1 if lv == 0 else c // 6,
+        }
+        for lv in range(n_levels)
+        for c, n in enumerate(names[lv])
+    ]
+    out.mkdir(parents=True)
+    schema = bundle_format.features_schema(n_levels)
+    pq.write_table(
+        pa.table(features).select(schema.names).cast(schema), out / bundle_format.FEATURES, compression="zstd"
+    )
+    pq.write_table(
+        pa.table(examples).cast(bundle_format.EXAMPLE_SCHEMA),
+        out / bundle_format.EXAMPLES,
+        compression="zstd",
+    )
+    pq.write_table(
+        pa.Table.from_pylist(clusters, schema=bundle_format.CLUSTER_SCHEMA), out / bundle_format.CLUSTERS
+    )
+    (out / bundle_format.MAP_HTML).write_text("<html></html>")
+    manifest = {
+        "format_version": bundle_format.FORMAT_VERSION,
+        "model": {"spec": "synthetic"},
+        "hookpoint": "layers.19",
+    }
+    (out / bundle_format.MANIFEST).write_text(json.dumps(manifest))
+    return out
+
+
+def first_paint_seconds(html: Path, timeout_s: float = 120) -> dict[str, float]:
+    """Navigation -> map canvas drawn and card data parsed, in headless Chromium from file://."""
+    from tests.browser import offline_browser  # the project's offline Chromium (outside requests aborted)
+
+    with offline_browser() as browser:
+        page = browser.new_page((1400, 900))
+        start = time.perf_counter()
+        page.goto(html.as_uri(), wait_until="commit", timeout=timeout_s * 1000)
+        page.wait_for_function("window.saeCards && window.saeCards.ready", timeout=timeout_s * 1000)
+        cards = time.perf_counter() - start
+        page.wait_for_function("window.saeCards.mapReady", timeout=timeout_s * 1000)
+        both = time.perf_counter() - start
+        page.evaluate("location.hash = '#feature=12345'")
+        page.wait_for_selector(".sae-panel.sae-open .sae-card")
+        opened = time.perf_counter() - start - both
+        if browser.blocked:
+            raise RuntimeError(f"the page tried to reach the network: {browser.blocked[:3]}")
+        timings = page.evaluate("window.saeCards.timings")
+        return {"cards_parsed_s": cards, "first_paint_s": both, "card_open_s": opened, **timings}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--features", type=int, default=65536)
+    parser.add_argument(
+        "--no-browser", action="store_true", help="Skip the headless Chromium first-paint figure."
+    )
+    parser.add_argument("--keep", type=Path, default=None, help="Also copy the exported HTML here.")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        synthesize_bundle(tmp / "bundle", args.features)
+        print(f"synthetic bundle: {args.features} features, {time.perf_counter() - t0:.1f} s to write")
+        summary = export_bundle(tmp / "bundle", tmp / "export.html")
+        print(f"export: {summary.seconds:.1f} s (target <= 60 s)")
+        print(
+            f"file: {summary.html_bytes / 1e6:.1f} MB (target <= 40 MB); card data {summary.card_data_bytes / 1e6:.1f} MB, "
+            f"map and libraries {(summary.html_bytes - summary.card_data_bytes) / 1e6:.1f} MB"
+        )
+        print(
+            f"cards: {summary.n_features} visible ({summary.n_hidden} hidden left out), {summary.n_examples} examples, "
+            f"{summary.n_token_strings} distinct tokens"
+        )
+        if args.keep:
+            args.keep.write_bytes((tmp / "export.html").read_bytes())
+        if not args.no_browser:
+            timing = first_paint_seconds(tmp / "export.html")
+            print(
+                f"first paint (headless Chromium, file://): {timing['first_paint_s']:.2f} s (target <= 5 s); "
+                f"card data parsed at {timing['cards_parsed_s']:.2f} s "
+                f"(text {timing['text_ms']:.0f} ms, inflate {timing['inflate_ms']:.0f} ms, "
+                f"parsed {timing['decode_ms']:.0f} ms after the script started); "
+                f"a card opens in {1000 * timing['card_open_s']:.0f} ms"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Throughput of the steering engine on the embedded default model (SmolLM2-135M-Instruct).
+
+Prints steered vs unsteered tokens/s for one stream and for a batch of 8 (target ratio >= 0.97),
+and the aggregate tokens/s of 4 concurrent chat sessions with different edits vs 1 session
+(target >= 2.5x). Every reply is forced to the same length (min_new_tokens = max_new_tokens) so
+that steered and unsteered runs do the same work.
+
+SAE: ``--sae PATH``, else the newest SAE in the project cache that fits the model, else a random
+TopK SAE with 4,608 latents (throughput does not depend on what the features mean; its scales are
+measured max activations on a few prompts).
+
+    python bench/bench_steering.py [--new-tokens 48] [--repeats 3] [--sae PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from build_map.models import default_hookpoint, load_model, resolve_hookpoint  # noqa: E402
+from build_map.paths import cache_dir  # noqa: E402
+from build_map.sae import SAEConfig, SparseAutoencoder, load_sae  # noqa: E402
+from explorer.steering import Edit, SamplingConfig, SteeringEngine, SteeringRequest  # noqa: E402
+
+PROMPTS = [
+    "What is a good name for a cat?",
+    "Tell me about the ocean.",
+    "How do I bake bread at home?",
+    "Why is the sky blue?",
+    "Give me three tips for learning to code.",
+    "What should I cook tonight?",
+    "Describe your favourite city.",
+    "How do airplanes fly?",
+]
+
+
+def find_sae(d_model: int, path: str | None) -> tuple[SparseAutoencoder, str]:
+    if path:
+        return load_sae(path, d_model=d_model), f"SAE from {path}"
+    candidates = sorted(
+        (p.parent for p in cache_dir().rglob("cfg.json") if "models" not in p.parts),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for folder in candidates:
+        try:
+            return load_sae(folder, d_model=d_model), f"cached SAE {folder}"
+        except ValueError:
+            continue
+    torch.manual_seed(0)
+    d_sae = 4608
+    sae = SparseAutoencoder(SAEConfig(d_in=d_model, d_sae=d_sae, activation="topk", k=32))
+    directions = torch.randn(d_sae, d_model)
+    directions /= directions.norm(dim=1, keepdim=True)
+    with torch.no_grad():
+        sae.W_dec.copy_(directions)
+        sae.W_enc.copy_(directions.T)
+    return sae.eval().requires_grad_(
+        False
+    ), "no SAE in the cache: random TopK SAE, 4608 latents (throughput only)"
+
+
+def measured_scales(loaded, sae: SparseAutoencoder, hookpoint: str) -> torch.Tensor:
+    """Max activation per feature over a few prompts (position 0 excluded: its norm is an outlier)."""
+    seen = []
+    handle = resolve_hookpoint(loaded.model, hookpoint).register_forward_hook(
+        lambda m, a, out: seen.append(out)
+    )
+    try:
+        with torch.no_grad():
+            for prompt in PROMPTS:
+                ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+                loaded.model(ids)
+    finally:
+        handle.remove()
+    hidden = torch.cat([h[0, 1:] for h in seen])
+    return sae.encode(hidden).amax(0)
+
+
+def edits_for(session: int) -> tuple[Edit, ...]:
+    """Different edits per session: three nudges and one pin."""
+    base = 97 * session
+    return (Edit(base + 1, 2.0), Edit(base + 2, -1.0), Edit(base + 3, 0.5), Edit(base + 4, 1.0, "pin"))
+
+
+def run_batch(engine: SteeringEngine, requests: list[SteeringRequest]) -> tuple[int, float]:
+    """Submit all at once (one batch) and return (generated tokens, seconds)."""
+    tokens_before = engine.stats["tokens"]
+    start = time.perf_counter()
+    handles = [engine.submit(request) for request in requests]
+    for handle in handles:
+        handle.result()
+    seconds = time.perf_counter() - start
+    return engine.stats["tokens"] - tokens_before, seconds
+
+
+def session(engine: SteeringEngine, index: int, turns: int, sampling: SamplingConfig) -> None:
+    """One user: a request, wait for the whole reply, the next request, each with its own edits."""
+    for turn in range(turns):
+        prompt = [{"role": "user", "content": PROMPTS[(index + turn) % len(PROMPTS)]}]
+        engine.submit(SteeringRequest(prompt, edits_for(index), sampling)).result()
+
+
+def sessions_throughput(engine: SteeringEngine, n: int, turns: int, sampling: SamplingConfig) -> float:
+    """Aggregate generated tokens/s of ``n`` sessions running at once."""
+    threads = [threading.Thread(target=session, args=(engine, i, turns, sampling)) for i in range(n)]
+    tokens_before = engine.stats["tokens"]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return (engine.stats["tokens"] - tokens_before) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--turns", type=int, default=3, help="requests per chat session")
+    parser.add_argument("--sae", default=None)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    loaded = load_model()
+    hookpoint = default_hookpoint(loaded.model)
+    sae, sae_note = find_sae(loaded.model.config.hidden_size, args.sae)
+    scales = measured_scales(loaded, sae, hookpoint)
+    engine = SteeringEngine(loaded.model, loaded.tokenizer, sae, hookpoint, scales)
+    n = args.new_tokens
+    sampling = SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=n, min_new_tokens=n, seed=0)
+    print(f"model: {loaded.spec} on {loaded.device} ({loaded.dtype}), {torch.get_num_threads()} threads")
+    print(f"hookpoint: {hookpoint}; {sae_note}; {n} new tokens per reply, median of {args.repeats}")
+
+    def request(i: int, steered: bool) -> SteeringRequest:
+        prompt = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        return SteeringRequest(prompt, edits_for(i) if steered else (), sampling)
+
+    run_batch(engine, [request(0, True)])  # warm up
+    for rows in (1, 8):
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.repeats):
+            for steered in (False, True):  # interleaved so drift hits both alike
+                tokens, seconds = run_batch(engine, [request(i, steered) for i in range(rows)])
+                rates[steered].append(tokens / seconds)
+        plain, steered = statistics.median(rates[False]), statistics.median(rates[True])
+        label = "single stream" if rows == 1 else f"batch of {rows}"
+        print(
+            f"{label:>14}: unsteered {plain:6.1f} tok/s | steered {steered:6.1f} tok/s | "
+            f"ratio {steered / plain:.3f} (target >= 0.97)"
+        )
+
+    one = sessions_throughput(engine, 1, args.turns, sampling)
+    four = sessions_throughput(engine, 4, args.turns, sampling)
+    print(
+        f"      sessions: 1 session {one:6.1f} tok/s | 4 concurrent sessions {four:6.1f} tok/s aggregate | "
+        f"{four / one:.2f}x (target >= 2.5x)"
+    )
+    print(f"engine stats: {engine.stats}")
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()

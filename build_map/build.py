@@ -1,0 +1,215 @@
+"""The builder: model + SAE + corpus → map bundle (statistics, labels, UMAP, named clusters, map.html).
+
+Every input is checked before the expensive stages run (output folder, SAE/model fit, hookpoint,
+label and hide files), so a mistake costs seconds, not a rebuild.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from build_map import bundle as bundle_io
+from build_map.cluster import ClusterConfig, cluster_levels, cluster_parents
+from build_map.corpus import CorpusConfig, token_sequences
+from build_map.labels import apply_labels, auto_labels, llm_labels, read_hide_file, read_label_file
+from build_map.models import LoadedModel, d_model, load_model, normalize_hookpoint
+from build_map.naming import name_levels
+from build_map.project import ProjectConfig, project_directions, trustworthiness_sample
+from build_map.render_map import render_map_html
+from build_map.sae import SparseAutoencoder, check_matches_model, file_sha256, load_sae
+from build_map.stats import StatsConfig, compute_feature_stats
+
+logger = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "transformers", "datamapplot", "umap-learn", "panel", "bokeh", "pyarrow", "sae-feature-map")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    sae: str
+    """SAE path: Goodfire .pth, SAELens or sparsify folder, or one saved by `build-map train`."""
+    out: str
+    """Bundle folder to write (replaced only with overwrite)."""
+    model: str | None = None
+    """Hugging Face id, local folder or .gguf; None = the embedded SmolLM2 default."""
+    hookpoint: str | None = None
+    """Residual-stream hookpoint the SAE reads, e.g. model.layers.19; None = the SAE's own or the middle layer."""
+    n_tokens: int = 100_000
+    """Corpus tokens for the per-feature statistics."""
+    corpus: tuple[str, ...] = ("chitchat", "chatterbot")
+    """Corpus sources: chitchat, chatterbot, or .jsonl / text files."""
+    labels: str | None = None
+    """CSV/JSON/Parquet with feature,label; these labels win over automatic ones."""
+    hide: str | None = None
+    """Features to moderate out: kept in the bundle as hidden, not drawn, not steerable."""
+    llm_labels: bool = False
+    """Label features with an OpenAI-compatible endpoint (SAE_MAP_LLM_URL / _KEY / _MODEL)."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda."""
+    overwrite: bool = False
+    """Replace an existing bundle at `out`."""
+    title: str | None = None
+    """Map title; defaults to the model and hookpoint."""
+    seed: int = 0
+    """Seed for corpus order, UMAP and clustering."""
+
+
+@dataclass
+class BuildSummary:
+    out: Path
+    n_features: int
+    n_live: int
+    n_dead: int
+    n_hidden: int
+    clusters_per_level: list[int]
+    trustworthiness: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        stages = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.stage_seconds.items())
+        return [
+            f"bundle: {self.out}",
+            f"features: {self.n_features} ({self.n_live} live, {self.n_dead} dead, {self.n_hidden} hidden)",
+            f"clusters per level (coarse→fine): {' / '.join(map(str, self.clusters_per_level))}",
+            f"trustworthiness (k=10, sample): {self.trustworthiness:.3f}",
+            f"time: {stages}; total {sum(self.stage_seconds.values()):.1f}s",
+        ]
+
+
+class _Stages:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        logger.info("%s …", name)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+
+
+def build_bundle(cfg: BuildConfig, loaded: LoadedModel | None = None) -> BuildSummary:
+    stage = _Stages()
+    out = bundle_io.check_can_write(cfg.out, cfg.overwrite)
+    with stage("load"):
+        loaded = loaded or load_model(cfg.model, device=cfg.device)
+        sae = load_sae(cfg.sae, device=loaded.device)
+        hookpoint = normalize_hookpoint(loaded.model, cfg.hookpoint or _sae_hookpoint(sae, loaded))
+        check_matches_model(sae, d_model(loaded.model), hookpoint, source=cfg.sae)
+        imported = read_label_file(cfg.labels, sae.d_sae) if cfg.labels else None
+        hidden = read_hide_file(cfg.hide, sae.d_sae) if cfg.hide else set()
+    corpus = CorpusConfig(sources=tuple(cfg.corpus), seed=cfg.seed)
+    with stage("statistics"):
+        stats = compute_feature_stats(loaded, sae, hookpoint, _sequences(loaded, corpus, cfg.n_tokens),
+                                      StatsConfig(n_tokens=cfg.n_tokens, seed=cfg.seed))
+    with stage("labels"):
+        features = _labelled(stats.features, stats.examples, imported, cfg.llm_labels)
+        features["hidden"] = features["feature"].isin(hidden)
+    directions = sae.decoder_directions.detach().float().cpu().numpy()
+    project_cfg = ProjectConfig(seed=cfg.seed, device=cfg.device)
+    with stage("projection"):
+        xy = project_directions(directions, project_cfg)
+        trust = trustworthiness_sample(directions, xy, seed=cfg.seed)
+    cluster_cfg = ClusterConfig(seed=cfg.seed)
+    with stage("clusters"):
+        levels = cluster_levels(directions, xy, cluster_cfg)
+        parents = cluster_parents(levels)
+        names = name_levels(features["label"].tolist(), levels, parents)
+        features, clusters = _with_clusters(features, xy, levels, parents, names)
+    title = cfg.title or f"{loaded.spec} · {hookpoint} · {sae.d_sae:,} SAE features"
+    manifest = _manifest(cfg, loaded, sae, hookpoint, stats, corpus, project_cfg, cluster_cfg, trust)
+    with stage("map"):
+        bundle_io.write_bundle(
+            out, manifest=manifest, features=features, examples=stats.examples, clusters=clusters,
+            render_map=lambda folder: (folder / bundle_io.MAP_HTML).write_text(
+                render_map_html(features, bundle_io.cluster_columns(features), title=title,
+                                subtitle=f"{int(features['dead'].sum()):,} dead features not drawn"),
+                encoding="utf-8"),
+            overwrite=cfg.overwrite,
+        )
+    return BuildSummary(
+        out=out, n_features=sae.d_sae, n_live=int((~features["dead"]).sum()), n_dead=int(features["dead"].sum()),
+        n_hidden=len(hidden), clusters_per_level=[int(len(np.unique(level))) for level in levels],
+        trustworthiness=trust, stage_seconds=stage.seconds,
+    )
+
+
+def _sae_hookpoint(sae: SparseAutoencoder, loaded: LoadedModel) -> str:
+    if sae.cfg.hookpoint:
+        return sae.cfg.hookpoint
+    from build_map.models import default_hookpoint
+
+    hookpoint = default_hookpoint(loaded.model)
+    logger.warning("The SAE does not say where it reads; using the middle layer %s (pass --hookpoint).", hookpoint)
+    return hookpoint
+
+
+def _sequences(loaded: LoadedModel, corpus: CorpusConfig, n_tokens: int) -> list[list[int]]:
+    """Enough corpus sequences for ``n_tokens`` kept tokens (first positions are skipped)."""
+    sequences, total = [], 0
+    for ids in token_sequences(loaded.tokenizer, corpus):
+        sequences.append(ids)
+        total += len(ids) - 1
+        if total >= n_tokens:
+            break
+    return sequences
+
+
+def _labelled(features: pd.DataFrame, examples: pd.DataFrame, imported: pd.Series | None, use_llm: bool):
+    llm = llm_labels(features, examples, features=features.index[~features["dead"]]) if use_llm else None
+    return apply_labels(features, auto_labels(features, examples), imported=imported, llm=llm)
+
+
+def _with_clusters(features: pd.DataFrame, xy: np.ndarray, levels: list[np.ndarray],
+                   parents: list[dict[int, int]], names: list[dict[int, str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    features = features.copy()
+    features["x"], features["y"] = xy[:, 0].astype(np.float32), xy[:, 1].astype(np.float32)
+    rows = []
+    for level, (ids, level_names) in enumerate(zip(levels, names, strict=True)):
+        features[f"cluster_{level}"] = [level_names.get(int(c), "Unlabelled") for c in ids]
+        for cluster in np.unique(ids):
+            members = ids == cluster
+            rows.append({
+                "level": level, "cluster": int(cluster), "name": level_names.get(int(cluster), "Unlabelled"),
+                "size": int(members.sum()), "x": float(xy[members, 0].mean()), "y": float(xy[members, 1].mean()),
+                "parent": int(parents[level][int(cluster)]),
+            })
+    return features, pd.DataFrame(rows)
+
+
+def _manifest(cfg, loaded, sae, hookpoint, stats, corpus, project_cfg, cluster_cfg, trust) -> dict:
+    return {
+        "model": {"spec": cfg.model, "name": loaded.spec, "dtype": str(loaded.dtype).removeprefix("torch."),
+                  "n_layers": int(loaded.model.config.num_hidden_layers)},
+        "hookpoint": hookpoint,
+        "sae": {"path": str(Path(cfg.sae).resolve()), "format": sae.cfg.source_format, "sha256": file_sha256(cfg.sae),
+                "activation": sae.cfg.activation, "k": sae.cfg.k},
+        "d_model": sae.d_in,
+        "n_features": sae.d_sae,
+        "corpus": {"sources": list(corpus.sources), "n_tokens": stats.n_tokens, "n_sequences": stats.n_sequences},
+        "build": {"stats": asdict(stats.config), "project": asdict(project_cfg), "cluster": asdict(cluster_cfg),
+                  "labels_file": cfg.labels, "hide_file": cfg.hide, "llm_labels": cfg.llm_labels, "seed": cfg.seed},
+        "trustworthiness": trust,
+        "packages": _package_versions(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions

@@ -1,0 +1,81 @@
+"""The embedded default's SAE: trained once on SmolLM2's middle layer, then reused from the cache.
+
+The cache folder is keyed by everything that shapes the SAE (model, hookpoint, corpus, token
+count, harvest and training configs, this module's version), so changing any of them trains a new
+one and an old one is never mistaken for it. The device is not part of the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from build_map.corpus import CorpusConfig
+from build_map.harvest import HarvestConfig
+from build_map.models import EMBEDDED_MODEL_NAME
+from build_map.paths import cache_dir
+from build_map.train import METRICS_FILE, TrainConfig, buffer_folder, harvest_and_train
+
+logger = logging.getLogger(__name__)
+
+DEMO_HOOKPOINT = "model.layers.15"  # the middle of SmolLM2-135M's 30 layers
+DEMO_TOKENS = 1_050_000  # 2% held out leaves > 1M training tokens
+DEMO_CORPUS = CorpusConfig()
+DEMO_HARVEST = HarvestConfig(compute_dtype="bfloat16")  # ~1.6× faster than fp32 on CPU
+DEMO_TRAIN = TrainConfig(n_latents=4608, k=32)  # 8 × d_model 576
+_VERSION = "1"  # bump to retrain every cached demo SAE
+
+
+def demo_key(train: TrainConfig = DEMO_TRAIN) -> str:
+    request = {
+        "model": EMBEDDED_MODEL_NAME,
+        "hookpoint": DEMO_HOOKPOINT,
+        "tokens": DEMO_TOKENS,
+        "corpus": asdict(DEMO_CORPUS),
+        "harvest": asdict(DEMO_HARVEST),
+        "train": asdict(replace(train, device="auto")),
+        "version": _VERSION,
+    }
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def demo_sae_folder() -> Path:
+    return cache_dir("demo") / f"sae-{demo_key()}"
+
+
+def demo_sae(
+    device: str = "auto", retrain: bool = False, keep_buffer: bool = False, progress: bool = True
+) -> Path:
+    """The folder of the demo SAE (native format, loads with ``load_sae``), training it if needed.
+
+    Harvest + training take ~10-15 minutes on a 2-core CPU the first time; later calls return the
+    cached folder at once. The ~2.4 GB activation buffer is deleted afterwards unless ``keep_buffer``.
+    """
+    folder = demo_sae_folder()
+    if not retrain and (folder / METRICS_FILE).is_file():  # written last: the folder is complete
+        logger.info("Using the cached demo SAE in %s", folder)
+        return folder
+    logger.warning("Training the demo SAE (once; ~10-15 min on a laptop CPU) into %s", folder)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    # Keyed by the harvest request alone: a new training config reuses a kept buffer.
+    buffer = buffer_folder(EMBEDDED_MODEL_NAME, DEMO_HOOKPOINT, DEMO_CORPUS, DEMO_TOKENS, DEMO_HARVEST)
+    run = harvest_and_train(
+        None, DEMO_HOOKPOINT, DEMO_CORPUS, DEMO_TOKENS, replace(DEMO_TRAIN, device=device), tmp,
+        buffer=buffer, harvest=DEMO_HARVEST, progress=progress,
+    )  # fmt: skip
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    if not keep_buffer:
+        shutil.rmtree(buffer, ignore_errors=True)
+    m = run.metrics
+    logger.warning(
+        "Demo SAE: held-out FVU %.3f, L0 %.1f, dead %.1f%%; harvest %.0f s, train %.0f s",
+        m.fvu, m.mean_l0, 100 * m.dead_fraction, run.harvest_seconds, run.train_seconds,
+    )  # fmt: skip
+    return folder

@@ -1,0 +1,436 @@
+"""Feature labels: automatic ones from statistics, imported ones from a file, optional LLM ones.
+
+Every label is untrusted text. Here it is only cleaned (control characters stripped, whitespace
+collapsed, length capped); HTML escaping is the renderers' job.
+
+Priority when several exist for a feature: imported > llm > auto.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import unicodedata
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+AUTO, IMPORTED, LLM = "auto", "imported", "llm"
+DEAD_LABEL = "dead feature"
+NO_EVIDENCE_LABEL = "unlabelled feature"
+MAX_AUTO_CHARS = 60
+MAX_LABEL_CHARS = 120  # imported and LLM labels
+LABEL_EXTENSIONS = (".csv", ".json", ".parquet", ".pq")
+HIDE_TEXT_EXTENSIONS = ("", ".txt", ".ids", ".lst")
+
+ENV_URL, ENV_KEY, ENV_MODEL = "SAE_MAP_LLM_URL", "SAE_MAP_LLM_KEY", "SAE_MAP_LLM_MODEL"
+
+# Byte-level BPE (Ġ space, Ċ newline, ĉ tab) and SentencePiece (▁ space) markers.
+_MARKERS = str.maketrans({"Ġ": " ", "▁": " ", "Ċ": "\n", "ĉ": "\t"})
+
+
+class LabelFileError(ValueError):
+    """A label or hide file cannot be used; the message names the file and the fix."""
+
+
+class LLMLabelError(ValueError):
+    """The LLM labeller is not configured or its endpoint failed."""
+
+
+# ---------------------------------------------------------------- cleaning
+
+
+def clean_label(text: object, max_chars: int = MAX_LABEL_CHARS) -> str:
+    """Drop control/format characters, collapse whitespace, cap the length with an ellipsis."""
+    if text is None or (isinstance(text, float) and math.isnan(text)):
+        return ""
+    chars = (" " if ch.isspace() else ch for ch in str(text))
+    kept = "".join(ch for ch in chars if unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn"))
+    kept = re.sub(r"\s+", " ", kept).strip()
+    if len(kept) > max_chars:
+        kept = kept[: max_chars - 1].rstrip() + "…"
+    return kept
+
+
+def label_token(token: str) -> str:
+    """A token as a label shows it: markers replaced, whitespace trimmed, pure whitespace made visible."""
+    text = str(token).translate(_MARKERS)
+    stripped = text.strip()
+    if stripped:
+        return clean_label(stripped, 24)
+    if "\n" in text:
+        return "↵"
+    return "␣" if text else ""
+
+
+# ---------------------------------------------------------------- automatic labels
+
+
+def auto_labels(features_df: pd.DataFrame, examples_df: pd.DataFrame) -> list[str]:
+    """One short readable label per feature, in ``features_df`` order; ``"dead feature"`` if dead.
+
+    Activating side: tokens the feature fires on in its examples, weighted by activation and by how
+    rare they are among other features' activating tokens (TF-IDF with features as documents), so
+    a feature firing on " the" everywhere does not win over one specific to "pizza". Output side:
+    the first word-like tokens its decoder direction promotes (the logit lens).
+    """
+    weights = _activating_token_weights(examples_df)
+    n_docs = max(len(weights), 1)
+    doc_freq = Counter(token for counts in weights.values() for token in counts)
+    labels: list[str] = []
+    taken: set[str] = set()
+    for row in features_df.itertuples(index=False):
+        if bool(row.dead):
+            labels.append(DEAD_LABEL)
+            continue
+        counts = weights.get(int(row.feature), {})
+        scored = sorted(
+            ((w * math.log(1 + n_docs / doc_freq[t]), t) for t, w in counts.items()), reverse=True
+        )
+        fires_on = _significant([t for _, t in scored], [s for s, _ in scored])
+        label = _unique(_label_variants(fires_on, _wordy(row.top_logits)), taken)
+        taken.add(label)
+        labels.append(label)
+    return labels
+
+
+def _activating_token_weights(examples_df: pd.DataFrame) -> dict[int, dict[str, float]]:
+    """feature → {label token: summed activation over its examples}, focus tokens counted twice."""
+    weights: dict[int, Counter] = {}
+    for feature, tokens, acts, act in zip(
+        examples_df["feature"], examples_df["tokens"], examples_df["acts"], examples_df["act"], strict=True
+    ):
+        acts = np.asarray(acts, dtype=np.float64)
+        if len(acts) == 0:
+            continue
+        counter = weights.setdefault(int(feature), Counter())
+        focus = int(np.argmin(np.abs(acts - float(act))))
+        peak = max(float(acts.max()), 1e-12)
+        for index in np.flatnonzero(acts > 0):
+            token = label_token(tokens[index])
+            if token:
+                counter[token] += acts[index] / peak * (2.0 if index == focus else 1.0)
+    return {feature: dict(counter) for feature, counter in weights.items()}
+
+
+def _significant(tokens: list[str], scores: list[float], limit: int = 3) -> list[str]:
+    """The leading tokens whose score is at least a third of the best one."""
+    if not tokens:
+        return []
+    return [t for t, s in zip(tokens[:limit], scores[:limit], strict=True) if s >= scores[0] / 3]
+
+
+def _wordy(tokens: Iterable[str] | None, limit: int = 3) -> list[str]:
+    """Logit-lens tokens worth showing: containing a letter or digit, deduplicated."""
+    shown: list[str] = []
+    for token in list(tokens) if tokens is not None else []:
+        text = label_token(token)
+        if any(ch.isalnum() for ch in text) and text.lower() not in (s.lower() for s in shown):
+            shown.append(text)
+        if len(shown) == limit:
+            break
+    return shown
+
+
+def _label_variants(fires_on: list[str], promotes: list[str]) -> list[str]:
+    """Labels from short to detailed; the first one not used by another feature is chosen."""
+    variants = []
+    for n_in in range(1, max(len(fires_on), 1) + 1):
+        for n_out in range(min(len(promotes), 2), len(promotes) + 1):
+            left = " / ".join(f"'{t}'" for t in fires_on[:n_in])
+            right = ", ".join(promotes[:n_out])
+            if left and right:
+                text = f"{left} → {right}"
+            elif left:
+                text = left
+            elif right:
+                text = f"→ {right}"
+            else:
+                text = NO_EVIDENCE_LABEL
+            variants.append(clean_label(text, MAX_AUTO_CHARS))
+    return list(dict.fromkeys(variants))
+
+
+def _unique(variants: list[str], taken: set[str]) -> str:
+    for text in variants:
+        if text not in taken:
+            return text
+    base = variants[-1][: MAX_AUTO_CHARS - 4]
+    n = 2
+    while f"{base} ·{n}" in taken:
+        n += 1
+    return f"{base} ·{n}"
+
+
+# ---------------------------------------------------------------- imported labels
+
+
+def read_label_file(path: str | Path, n_features: int) -> pd.Series:
+    """Labels from a CSV, JSON or Parquet file with columns feature,label → Series indexed by feature.
+
+    JSON may also be a list of ``{"feature": …, "label": …}`` objects or a ``{"12": "label"}`` mapping.
+    """
+    path = Path(path)
+    frame = _read_table(path, LABEL_EXTENSIONS, "label")
+    missing = [column for column in ("feature", "label") if column not in frame.columns]
+    if missing:
+        found = ", ".join(map(str, frame.columns)) or "none"
+        raise LabelFileError(
+            f"{path}: missing column(s) {', '.join(missing)}; a label file needs columns feature,label "
+            f"(found: {found})."
+        )
+    ids = _feature_ids(frame["feature"].tolist(), path, n_features)
+    labels = [clean_label(text) for text in frame["label"].tolist()]
+    chosen: dict[int, str] = {}
+    for feature, label in zip(ids, labels, strict=True):
+        if not label:
+            continue
+        if feature in chosen and chosen[feature] != label:
+            raise LabelFileError(
+                f"{path}: feature {feature} has conflicting labels {chosen[feature]!r} and {label!r}; "
+                "keep one row per feature."
+            )
+        chosen[feature] = label
+    return pd.Series(chosen, dtype=object, name="label").sort_index()
+
+
+def read_hide_file(path: str | Path, n_features: int) -> set[int]:
+    """Feature ids to hide: text with one id per line (``#`` comments allowed), a CSV with a
+    ``feature`` column (or a single column of ids), or a JSON list of ids."""
+    path = Path(path)
+    _check_exists(path, "hide")
+    suffix = path.suffix.lower()
+    if suffix in HIDE_TEXT_EXTENSIONS:
+        lines = [line.split("#", 1)[0].strip() for line in _read_text(path).splitlines()]
+        values: list = [line for line in lines if line]
+    elif suffix == ".csv":
+        frame = _read_table(path, (".csv",), "hide")
+        if "feature" in frame.columns:
+            values = frame["feature"].tolist()
+        elif len(frame.columns) == 1:  # a headerless column of ids: the header is an id too
+            frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
+            values = frame.iloc[:, 0].tolist()
+        else:
+            raise LabelFileError(
+                f"{path}: a hide CSV needs a 'feature' column (found: {', '.join(map(str, frame.columns))})."
+            )
+    elif suffix == ".json":
+        data = _read_json(path)
+        if not isinstance(data, list):
+            raise LabelFileError(f"{path}: a hide JSON file must be a list of feature ids, e.g. [3, 17].")
+        values = [item.get("feature") if isinstance(item, dict) else item for item in data]
+    else:
+        raise LabelFileError(
+            f"{path}: unknown hide file type {suffix!r}; use a .txt file with one id per line, "
+            "a .csv with a feature column, or a .json list of ids."
+        )
+    return set(_feature_ids(values, path, n_features))
+
+
+def _check_exists(path: Path, kind: str) -> None:
+    if not path.is_file():
+        raise LabelFileError(f"The {kind} file {path} does not exist; check the path.")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LabelFileError(f"{path}: not UTF-8 text ({exc}).") from exc
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise LabelFileError(f"{path}: not valid JSON ({exc}).") from exc
+
+
+def _read_table(path: Path, extensions: tuple[str, ...], kind: str) -> pd.DataFrame:
+    _check_exists(path, kind)
+    suffix = path.suffix.lower()
+    if suffix not in extensions:
+        raise LabelFileError(
+            f"{path}: unknown {kind} file type {suffix!r}; use {', '.join(extensions)} "
+            "with columns feature,label."
+        )
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path, dtype=str, keep_default_na=False)
+        if suffix in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+    except Exception as exc:  # pandas/pyarrow raise many error types for a malformed file
+        raise LabelFileError(f"{path}: cannot read it as {suffix[1:]} ({exc}).") from exc
+    return _json_labels(path, _read_json(path))
+
+
+def _json_labels(path: Path, data: object) -> pd.DataFrame:
+    if isinstance(data, dict):
+        return pd.DataFrame({"feature": list(data.keys()), "label": list(data.values())})
+    if isinstance(data, list) and all(isinstance(item, dict) for item in data):
+        return pd.DataFrame.from_records(data, columns=sorted({key for item in data for key in item}))
+    raise LabelFileError(
+        f'{path}: a label JSON file must be a list of {{"feature": id, "label": text}} objects '
+        'or a {"id": "label"} mapping.'
+    )
+
+
+def _feature_ids(values: list, path: Path, n_features: int) -> list[int]:
+    ids = []
+    for row, value in enumerate(values, start=1):
+        feature = _as_int(value)
+        if feature is None:
+            raise LabelFileError(f"{path}: feature ids must be integers; found {value!r} (entry {row}).")
+        if not 0 <= feature < n_features:
+            raise LabelFileError(
+                f"{path}: feature id {feature} is out of range; valid ids are 0..{n_features - 1}."
+            )
+        ids.append(feature)
+    return ids
+
+
+def _as_int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return int(value) if float(value).is_integer() else None
+    text = str(value).strip()
+    return int(text) if re.fullmatch(r"[+-]?\d+", text) else None
+
+
+# ---------------------------------------------------------------- combining
+
+
+def apply_labels(
+    features_df: pd.DataFrame,
+    auto: list[str],
+    imported: pd.Series | None = None,
+    llm: pd.Series | None = None,
+) -> pd.DataFrame:
+    """A copy of ``features_df`` with ``label`` and ``label_source``: imported > llm > auto."""
+    if len(auto) != len(features_df):
+        raise ValueError(f"{len(auto)} automatic labels for {len(features_df)} features.")
+    out = features_df.copy()
+    labels = pd.Series([clean_label(text, MAX_AUTO_CHARS) for text in auto], index=out["feature"].to_numpy())
+    source = pd.Series(AUTO, index=labels.index, dtype=object)
+    for override, name in ((llm, LLM), (imported, IMPORTED)):
+        if override is None or len(override) == 0:
+            continue
+        override = override[override.index.isin(labels.index)].map(clean_label)
+        override = override[override != ""]
+        labels.loc[override.index] = override.to_numpy()
+        source.loc[override.index] = name
+    out["label"] = labels.to_numpy()
+    out["label_source"] = source.to_numpy()
+    return out
+
+
+# ---------------------------------------------------------------- optional LLM labels
+
+
+def llm_labels(
+    features_df: pd.DataFrame,
+    examples_df: pd.DataFrame,
+    *,
+    url: str | None = None,
+    key: str | None = None,
+    model: str | None = None,
+    features: Iterable[int] | None = None,
+    n_examples: int = 6,
+    timeout: float = 60.0,
+) -> pd.Series:
+    """Labels from an OpenAI-compatible chat-completions endpoint (off unless asked for).
+
+    ``url``/``key``/``model`` default to $SAE_MAP_LLM_URL, $SAE_MAP_LLM_KEY (optional for local
+    servers) and $SAE_MAP_LLM_MODEL. Only live features are labelled (``features`` narrows them).
+    """
+    endpoint, key, model = _llm_settings(url, key, model)
+    live = features_df.loc[~features_df["dead"].astype(bool), "feature"].astype(int)
+    wanted = live.tolist() if features is None else sorted(set(map(int, features)) & set(live.tolist()))
+    by_feature = {int(f): rows for f, rows in examples_df.groupby("feature")}
+    rows = features_df.set_index("feature")
+    labels = {}
+    for feature in tqdm(wanted, desc="LLM labels", unit="feature", disable=len(wanted) < 20):
+        prompt = _llm_prompt(rows.loc[feature], by_feature.get(feature), n_examples)
+        labels[feature] = clean_label(_chat(endpoint, key, model, prompt, timeout))
+    return pd.Series(labels, dtype=object, name="label")
+
+
+def _llm_settings(url: str | None, key: str | None, model: str | None) -> tuple[str, str | None, str]:
+    url = url or os.environ.get(ENV_URL)
+    model = model or os.environ.get(ENV_MODEL)
+    key = key or os.environ.get(ENV_KEY) or None
+    missing = [name for name, value in ((ENV_URL, url), (ENV_MODEL, model)) if not value]
+    if missing:
+        raise LLMLabelError(
+            f"LLM labels were asked for but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+            f"not set. Set {ENV_URL} (an OpenAI-compatible base URL such as http://127.0.0.1:8080/v1), "
+            f"{ENV_MODEL} and, if the endpoint needs one, {ENV_KEY}; or build without LLM labels."
+        )
+    assert url is not None and model is not None
+    endpoint = url.rstrip("/")
+    if not endpoint.endswith("/chat/completions"):
+        endpoint += "/chat/completions"
+    return endpoint, key, model
+
+
+_SYSTEM_PROMPT = (
+    "You name features of a sparse autoencoder trained on a language model. Given text snippets where "
+    "the feature fires (the strongest token is marked «like this») and the tokens it promotes, reply "
+    "with a short label of at most six words describing what it detects. Reply with the label only."
+)
+
+
+def _llm_prompt(row: pd.Series, examples: pd.DataFrame | None, n_examples: int) -> str:
+    lines = []
+    if examples is not None:
+        ordered = examples.sort_values(
+            ["bucket", "rank"], key=lambda s: s != "top" if s.name == "bucket" else s
+        )
+        for example in ordered.head(n_examples).itertuples(index=False):
+            acts = np.asarray(example.acts, dtype=np.float64)
+            focus = int(np.argmin(np.abs(acts - float(example.act)))) if len(acts) else -1
+            words = [str(t).translate(_MARKERS) for t in example.tokens]
+            text = "".join(f"«{t}»" if i == focus else t for i, t in enumerate(words))
+            lines.append(f"- {clean_label(text, 300)}")
+    promotes = ", ".join(label_token(t) for t in list(row.get("top_logits", []) or [])[:10])
+    return "Snippets:\n" + ("\n".join(lines) or "(none)") + f"\nPromoted tokens: {promotes or '(none)'}"
+
+
+def _chat(endpoint: str, key: str | None, model: str, prompt: str, timeout: float) -> str:
+    body = {
+        "model": model,
+        "messages": [{"role": "system", "content": _SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": 32,
+    }
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            reply = json.loads(response.read().decode("utf-8"))
+        return str(reply["choices"][0]["message"]["content"])
+    except urllib.error.HTTPError as exc:
+        detail = exc.read(300).decode("utf-8", "replace")
+        raise LLMLabelError(f"LLM endpoint {endpoint} answered HTTP {exc.code}: {detail}") from exc
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        raise LLMLabelError(f"LLM endpoint {endpoint} cannot be reached ({exc}); check {ENV_URL}.") from exc
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise LLMLabelError(
+            f"LLM endpoint {endpoint} gave no chat-completions reply ({exc!r}); is it OpenAI-compatible?"
+        ) from exc

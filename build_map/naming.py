@@ -1,0 +1,268 @@
+"""Name clusters from their members' feature labels with class-based TF-IDF (no LLM).
+
+Each cluster is one "class document": the set of its members' labels. A term (a word, or two
+adjacent content words) scores ``tf(t, c) * log(1 + A / f(t))`` (c-TF-IDF, as in BERTopic), where
+tf counts the members of c whose label holds t, f(t) counts all features whose label holds t, and
+A is the mean number of term occurrences per cluster. A name is the best term plus, when it
+scores nearly as well, a second one ("python, code"), at most ``max_words`` words.
+
+Names are made distinct within a level: clusters that would share a name get their next best
+terms appended (the largest keeps the plain name), then a numeric suffix as a last resort.
+``name_levels`` names every level; a child then prefers terms its parent's name does not
+already say, so zooming in shows something new.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+
+WORD = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*")
+
+# Words that carry no topic in feature labels ("References to ...", "Tokens in ...").
+LABEL_BOILERPLATE = frozenset(
+    "feature features token tokens word words text texts concept concepts related relating "
+    "reference references referring mention mentions mentioning various usage use used using "
+    "context contexts instance instances specific particular terms term phrase phrases "
+    "example examples typically especially including involving like within".split()
+)
+
+
+def _stopwords() -> frozenset[str]:
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return frozenset(ENGLISH_STOP_WORDS) | LABEL_BOILERPLATE
+
+
+@dataclass
+class _Candidate:
+    term: str
+    words: frozenset[str]
+    score: float
+
+
+def _content_runs(label: str, stop: frozenset[str]) -> list[list[str]]:
+    """Lower-cased content words of a label, split into runs at stopwords (no bigram spans them)."""
+    runs: list[list[str]] = [[]]
+    for word in WORD.findall(label.lower()):
+        if word in stop or (len(word) < 2 and not word.isdigit()):
+            if runs[-1]:
+                runs.append([])
+        else:
+            runs[-1].append(word)
+    return [r for r in runs if r]
+
+
+def _label_terms(label: object, stop: frozenset[str]) -> set[str]:
+    if not isinstance(label, str) or not label:
+        return set()
+    terms: set[str] = set()
+    for run in _content_runs(label, stop):
+        terms.update(run)
+        terms.update(f"{a} {b}" for a, b in zip(run, run[1:]) if a != b)
+    return terms
+
+
+def _surface_forms(labels: Sequence[object]) -> dict[str, str]:
+    """Most common spelling of each word as written ("DNA", "Python"), keyed by lower case."""
+    counts: dict[str, Counter[str]] = {}
+    for label in labels:
+        if isinstance(label, str):
+            for word in WORD.findall(label):
+                counts.setdefault(word.lower(), Counter())[word] += 1
+    return {low: c.most_common(1)[0][0] for low, c in counts.items()}
+
+
+def _class_term_counts(
+    labels: Sequence[object], cluster_ids: np.ndarray, stop: frozenset[str]
+) -> tuple[np.ndarray, list[str], sparse.csr_matrix]:
+    """(clusters, vocabulary, counts (n_clusters, n_terms)): members of each cluster holding each term."""
+    vocab: dict[str, int] = {}
+    rows, cols = [], []
+    for i, label in enumerate(labels):
+        for term in _label_terms(label, stop):
+            rows.append(i)
+            cols.append(vocab.setdefault(term, len(vocab)))
+    doc_term = sparse.csr_matrix(
+        (np.ones(len(rows), dtype=np.float64), (rows, cols)), shape=(len(labels), len(vocab))
+    )
+    clusters, inverse = np.unique(cluster_ids, return_inverse=True)
+    member = sparse.csr_matrix(
+        (np.ones(len(labels)), (inverse, np.arange(len(labels)))), shape=(len(clusters), len(labels))
+    )
+    return clusters, list(vocab), (member @ doc_term).tocsr()
+
+
+def _ranked_candidates(
+    counts: sparse.csr_matrix, vocab: list[str], sizes: np.ndarray, top: int = 30
+) -> list[list[_Candidate]]:
+    """Best ``top`` c-TF-IDF terms per cluster, each held by >= 2 members (or all of a tiny cluster)."""
+    term_total = np.asarray(counts.sum(axis=0)).ravel()
+    mean_per_class = max(term_total.sum() / max(counts.shape[0], 1), 1.0)
+    idf = np.log1p(mean_per_class / np.maximum(term_total, 1.0))
+    ranked = []
+    for c in range(counts.shape[0]):
+        lo, hi = counts.indptr[c], counts.indptr[c + 1]
+        terms, tf = counts.indices[lo:hi], counts.data[lo:hi]
+        keep = tf >= min(2, sizes[c])
+        terms, tf = terms[keep], tf[keep]
+        # Longer terms (bigrams) win ties: they say more in the same space.
+        score = tf * idf[terms] * np.array([1.0 + 0.1 * vocab[t].count(" ") for t in terms])
+        best = np.lexsort((terms, -score))[:top]
+        ranked.append([_Candidate(vocab[terms[j]], frozenset(vocab[terms[j]].split()), float(score[j])) for j in best])
+    return ranked
+
+
+def _compose(
+    candidates: list[_Candidate], max_words: int, max_terms: int, min_relative_score: float
+) -> list[_Candidate]:
+    """Best term, plus following ones that score >= min_relative_score of it and add new words."""
+    chosen: list[_Candidate] = []
+    for cand in candidates:
+        if len(chosen) >= max_terms:
+            break
+        if chosen and cand.score < min_relative_score * chosen[0].score:
+            break
+        if _fits(cand, chosen, max_words):
+            chosen.append(cand)
+    return _join_as_bigram(chosen, candidates)
+
+
+def _join_as_bigram(chosen: list[_Candidate], candidates: list[_Candidate]) -> list[_Candidate]:
+    """Two single words that also occur as a bigram read better as it: "French cities", not
+    "cities, French"."""
+    if len(chosen) != 2 or any(len(c.words) != 1 for c in chosen):
+        return chosen
+    pair = chosen[0].words | chosen[1].words
+    bigram = next((c for c in candidates if c.words == pair and len(c.term.split()) == 2), None)
+    return [_Candidate(bigram.term, bigram.words, chosen[0].score)] if bigram else chosen
+
+
+def _fits(cand: _Candidate, chosen: list[_Candidate], max_words: int) -> bool:
+    used = frozenset().union(*(c.words for c in chosen)) if chosen else frozenset()
+    return not (cand.words & used) and len(used) + len(cand.words) <= max_words
+
+
+def _render(chosen: list[_Candidate], surface: Mapping[str, str]) -> str:
+    return ", ".join(" ".join(surface.get(w, w) for w in c.term.split()) for c in chosen)
+
+
+def _penalise(candidates: list[_Candidate], avoid: frozenset[str], factor: float) -> list[_Candidate]:
+    """Scale down terms that repeat words in ``avoid`` (the parent's name), then re-rank."""
+    if not avoid:
+        return candidates
+    scaled = [_Candidate(c.term, c.words, c.score * (factor if c.words & avoid else 1.0)) for c in candidates]
+    return sorted(scaled, key=lambda c: -c.score)
+
+
+def name_clusters(
+    member_labels: Sequence[str | None],
+    cluster_ids: np.ndarray,
+    *,
+    max_words: int = 3,
+    max_terms: int = 2,
+    min_relative_score: float = 0.6,
+    avoid: Mapping[int, str] | None = None,
+    avoid_factor: float = 0.3,
+) -> dict[int, str]:
+    """Name each cluster from its members' labels; names are distinct within ``cluster_ids``.
+
+    ``member_labels[i]`` is feature i's short label (None, NaN or "" are fine: they add nothing);
+    ``cluster_ids[i]`` its cluster. ``avoid`` maps a cluster to text whose words its name should
+    avoid (its parent's name): such terms score ``avoid_factor`` times less. Clusters with no
+    usable label words are named "cluster <id>"; id -1 (noise), if present, is "unclustered".
+    """
+    cluster_ids = np.asarray(cluster_ids)
+    if len(member_labels) != len(cluster_ids):
+        raise ValueError(f"{len(member_labels)} labels for {len(cluster_ids)} cluster ids; pass one label per feature")
+    if len(cluster_ids) == 0:
+        return {}
+    stop = _stopwords()
+    clusters, vocab, counts = _class_term_counts(member_labels, cluster_ids, stop)
+    sizes = np.bincount(np.unique(cluster_ids, return_inverse=True)[1])
+    ranked = _ranked_candidates(counts, vocab, sizes)
+    avoid = avoid or {}
+    ranked = [
+        _penalise(cands, frozenset(w.lower() for w in WORD.findall(avoid.get(int(c), ""))), avoid_factor)
+        for c, cands in zip(clusters, ranked)
+    ]
+    chosen = [_compose(cands, max_words, max_terms, min_relative_score) for cands in ranked]
+    surface = _surface_forms(member_labels)
+    names = _distinct_names(clusters, sizes, ranked, chosen, surface, max_words)
+    return {int(c): names[i] for i, c in enumerate(clusters)}
+
+
+def _base_name(cid: int, chosen: list[_Candidate], surface: Mapping[str, str]) -> str:
+    if cid == -1:
+        return "unclustered"
+    return _render(chosen, surface) if chosen else f"cluster {cid}"
+
+
+def _distinct_names(
+    clusters: np.ndarray,
+    sizes: np.ndarray,
+    ranked: list[list[_Candidate]],
+    chosen: list[list[_Candidate]],
+    surface: Mapping[str, str],
+    max_words: int,
+) -> list[str]:
+    """Disambiguate equal names: add next-best terms (largest cluster keeps its name), then suffixes."""
+    names = [_base_name(int(c), ch, surface) for c, ch in zip(clusters, chosen)]
+    for _ in range(4):  # a few rounds of adding one more term
+        clashes = [g for g in _groups_by_name(names, sizes) if len(g) > 1]
+        if not clashes:
+            return names
+        for group in clashes:
+            for i in group[1:]:
+                extra = next((c for c in ranked[i] if _fits(c, chosen[i], max_words + 2)), None)
+                if extra is not None and clusters[i] != -1:
+                    chosen[i] = [*chosen[i], extra]
+                    names[i] = _render(chosen[i], surface)
+    return _suffix_duplicates(names, sizes)
+
+
+def _groups_by_name(names: list[str], sizes: np.ndarray) -> list[list[int]]:
+    """Indices sharing each (case-insensitive) name, largest cluster first."""
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name.lower(), []).append(i)
+    return [sorted(g, key=lambda i: (-sizes[i], i)) for g in groups.values()]
+
+
+def _suffix_duplicates(names: list[str], sizes: np.ndarray) -> list[str]:
+    taken = {n.lower() for n in names}
+    for group in _groups_by_name(names, sizes):
+        for rank, i in enumerate(group[1:], start=2):
+            k = rank
+            while f"{names[i]} ({k})".lower() in taken:
+                k += 1
+            names[i] = f"{names[i]} ({k})"
+            taken.add(names[i].lower())
+    return names
+
+
+def name_levels(
+    member_labels: Sequence[str | None],
+    levels: Sequence[np.ndarray],
+    parents: Sequence[Mapping[int, int]] | None = None,
+    **kwargs: object,
+) -> list[dict[int, str]]:
+    """Names for every level (coarse to fine, as from ``cluster_levels``), distinct within each.
+
+    With ``parents`` (from ``cluster_parents``), a cluster with siblings avoids the words of its
+    parent's name, so the finer level says what distinguishes it.
+    """
+    named: list[dict[int, str]] = []
+    for i, level in enumerate(levels):
+        avoid: dict[int, str] = {}
+        if parents is not None and i > 0:
+            n_children = Counter(parents[i].values())
+            avoid = {c: named[i - 1][p] for c, p in parents[i].items() if n_children[p] > 1}
+        named.append(name_clusters(member_labels, level, avoid=avoid, **kwargs))  # type: ignore[arg-type]
+    return named
+
