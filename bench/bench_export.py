@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -145,19 +146,46 @@ def first_paint_seconds(html: Path, timeout_s: float = 120) -> dict[str, float]:
 
     with offline_browser() as browser:
         page = browser.new_page((1400, 900))
+        cpu_before = _chromium_cpu_seconds()
         start = time.perf_counter()
         page.goto(html.as_uri(), wait_until="commit", timeout=timeout_s * 1000)
         page.wait_for_function("window.saeCards && window.saeCards.ready", timeout=timeout_s * 1000)
         cards = time.perf_counter() - start
         page.wait_for_function("window.saeCards.mapReady", timeout=timeout_s * 1000)
         both = time.perf_counter() - start
+        cpu = _chromium_cpu_seconds() - cpu_before
         page.evaluate("location.hash = '#feature=12345'")
-        page.wait_for_selector(".sae-panel.sae-open .sae-card")
-        opened = time.perf_counter() - start - both
+        page.wait_for_selector(".sae-panel.sae-open .sae-card", timeout=timeout_s * 1000)
         if browser.blocked:
             raise RuntimeError(f"the page tried to reach the network: {browser.blocked[:3]}")
         timings = page.evaluate("window.saeCards.timings")
-        return {"cards_parsed_s": cards, "first_paint_s": both, "card_open_s": opened, **timings}
+        return {
+            "cards_parsed_s": cards,
+            "first_paint_s": both,
+            "cpu_s": cpu,
+            **timings,
+        }
+
+
+def _chromium_cpu_seconds() -> float:
+    """CPU time used so far by the Chromium processes this script started (NaN without psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        return float("nan")
+    total = 0.0
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "chrom" in proc.name():
+                times = proc.cpu_times()
+                total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def _load() -> str:
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count() or 0} cores"
 
 
 def main() -> None:
@@ -175,8 +203,10 @@ def main() -> None:
         t0 = time.perf_counter()
         synthesize_bundle(tmp / "bundle", args.features)
         print(f"synthetic bundle: {args.features} features, {time.perf_counter() - t0:.1f} s to write")
+        cpu = time.process_time()
         summary = export_bundle(tmp / "bundle", tmp / "export.html")
-        print(f"export: {summary.seconds:.1f} s (target <= 60 s)")
+        cpu = time.process_time() - cpu
+        print(f"export: {summary.seconds:.1f} s wall, {cpu:.1f} s CPU (target <= 60 s; {_load()})")
         print(
             f"file: {summary.html_bytes / 1e6:.1f} MB (target <= 40 MB); card data {summary.card_data_bytes / 1e6:.1f} MB, "
             f"map and libraries {(summary.html_bytes - summary.card_data_bytes) / 1e6:.1f} MB"
@@ -190,11 +220,12 @@ def main() -> None:
         if not args.no_browser:
             timing = first_paint_seconds(tmp / "export.html")
             print(
-                f"first paint (headless Chromium, file://): {timing['first_paint_s']:.2f} s (target <= 5 s); "
+                f"first paint (headless Chromium, file://): {timing['first_paint_s']:.2f} s wall, "
+                f"Chromium CPU {timing['cpu_s']:.1f} s (target <= 5 s; {_load()}); "
                 f"card data parsed at {timing['cards_parsed_s']:.2f} s "
-                f"(text {timing['text_ms']:.0f} ms, inflate {timing['inflate_ms']:.0f} ms, "
-                f"parsed {timing['decode_ms']:.0f} ms after the script started); "
-                f"a card opens in {1000 * timing['card_open_s']:.0f} ms"
+                f"(inflated {timing['inflate_ms']:.0f} ms and parsed {timing['decode_ms']:.0f} ms after the "
+                "card script started); "
+                f"a card is decoded and built in {timing['card_ms']:.0f} ms"
             )
 
 

@@ -191,7 +191,30 @@ def train_summary(run, cfg) -> str:
 
 # ---------------------------------------------------------------- entry point
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train]
+def add_build(subparsers: argparse._SubParsersAction) -> None:
+    from build_map.cli_build import add_build as add
+
+    add(subparsers)
+
+
+def add_demo(subparsers: argparse._SubParsersAction) -> None:
+    from build_map.cli_build import add_demo as add
+
+    add(subparsers)
+
+
+def add_export(subparsers: argparse._SubParsersAction) -> None:
+    from build_map.export import add_export_arguments, run_export
+
+    parser = subparsers.add_parser(
+        "export", parents=[common_options()], help="write one self-contained, offline HTML file from a bundle",
+        description="Export a bundle to a single HTML file: the map, search, and a card for every visible feature.",
+    )  # fmt: skip
+    add_export_arguments(parser)
+    parser.set_defaults(run=run_export)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_build, add_demo, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

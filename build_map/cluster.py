@@ -50,9 +50,7 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if self.space not in SPACES:
             raise ValueError(f"ClusterConfig.space={self.space!r}; choose one of {SPACES}")
-        if self.level_sizes is not None and (
-            not self.level_sizes or any(s < 1 for s in self.level_sizes)
-        ):
+        if self.level_sizes is not None and (not self.level_sizes or any(s < 1 for s in self.level_sizes)):
             raise ValueError(f"ClusterConfig.level_sizes={self.level_sizes!r} must be positive counts")
 
 
@@ -98,8 +96,11 @@ def ward_merges(centroids: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, n
     w = np.asarray(sizes, dtype=np.float64).copy()
     m = len(c)
     sq = (c**2).sum(1)
-    cost = w[:, None] * w[None, :] / (w[:, None] + w[None, :]) * np.maximum(
-        sq[:, None] + sq[None, :] - 2 * c @ c.T, 0.0
+    cost = (
+        w[:, None]
+        * w[None, :]
+        / (w[:, None] + w[None, :])
+        * np.maximum(sq[:, None] + sq[None, :] - 2 * c @ c.T, 0.0)
     )
     np.fill_diagonal(cost, np.inf)
     merges = np.zeros((max(m - 1, 0), 2), dtype=np.int64)
@@ -186,7 +187,9 @@ def cluster_levels(
     fine = _kmeans(points, targets[-1], cfg.seed)
     m = int(fine.max()) + 1
     sizes = np.bincount(fine, minlength=m)
-    centroids = np.stack([np.bincount(fine, weights=points[:, j], minlength=m) for j in range(points.shape[1])], 1)
+    centroids = np.stack(
+        [np.bincount(fine, weights=points[:, j], minlength=m) for j in range(points.shape[1])], 1
+    )
     merges, costs = ward_merges(centroids / sizes[:, None], sizes)
     counts = _snap_counts([min(t, m) for t in targets[:-1]], costs, m, cfg.snap)
     levels = [_relabel_by_size(_cut(merges, m, c)[fine]) for c in counts]

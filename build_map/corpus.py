@@ -39,6 +39,7 @@ Conversation = list[Message]
 Document = Conversation | str
 
 BUILTIN_SOURCES = ("chitchat", "chatterbot")
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's is ~10× faster, same safety
 _ROLES = ("user", "assistant")
 
 
@@ -113,7 +114,7 @@ def iter_chatterbot(folder: str | Path | None = None) -> Iterator[Conversation]:
     )
     for path in sorted(folder.glob("*.yml")):
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_YAML_LOADER) or {}
         for exchange in data.get("conversations") or []:
             # YAML may parse a bare `yes` or `42` as a bool or a number: keep the text the author wrote.
             texts = [str(t).strip() for t in exchange if t is not None and str(t).strip()]

@@ -27,45 +27,102 @@
     openFeature: (feature) => openFeature(feature, { fly: true }),
     closeCard: () => closeCard(),
     card: (feature) => cardData(feature),
+    decoder: () => cardDataDecoder(), // (text, nBytes) -> Promise<ArrayBuffer>; for tests
   };
   window.saeCards = state;
 
   // ------------------------------------------------------------------ decoding
 
-  // base91x2 (export_codec.py): 13 bits per 2 characters, little-endian bit order. Characters
+  // Text -> bytes -> inflated card data. Self-contained, because it is also the source of a Web
+  // Worker (decoding ~30 MB then runs beside the map's own start-up instead of blocking it).
+  // base91x2 (export_codec.py): 13 bits per 2 characters, little-endian bit order; characters
   // outside the alphabet (e.g. line breaks added by a mail program) are skipped.
-  const TEXT_ALPHABET = (() => {
-    let chars = '';
-    for (let c = 0x21; c < 0x7f; c++) if (!'<>&'.includes(String.fromCharCode(c))) chars += String.fromCharCode(c);
-    return chars;
-  })();
-
-  function textToBytes(text, nBytes) {
+  function cardDataDecoder() {
     const lookup = new Int16Array(65536).fill(-1);
-    for (let i = 0; i < TEXT_ALPHABET.length; i++) lookup[TEXT_ALPHABET.charCodeAt(i)] = i;
-    const out = new Uint8Array(nBytes);
-    let acc = 0;
-    let bits = 0;
-    let low = -1;
-    let o = 0;
-    for (let i = 0; i < text.length && o < nBytes; i++) {
-      const v = lookup[text.charCodeAt(i)];
-      if (v < 0) continue;
-      if (low < 0) {
-        low = v;
-        continue;
-      }
-      acc |= (low + 91 * v) << bits;
-      low = -1;
-      bits += 13;
-      while (bits >= 8 && o < nBytes) {
-        out[o++] = acc & 0xff;
+    let symbol = 0;
+    for (let c = 0x21; c < 0x7f; c++) if (!'<>&'.includes(String.fromCharCode(c))) lookup[c] = symbol++;
+
+    function textToBytes(text, nBytes) {
+      const out = new Uint8Array(nBytes);
+      let acc = 0;
+      let bits = 0;
+      let o = 0;
+      let i = 0;
+      // Fast path: pairs of alphabet characters (all of an untouched page).
+      for (; i + 1 < text.length; i += 2) {
+        const low = lookup[text.charCodeAt(i)];
+        const high = lookup[text.charCodeAt(i + 1)];
+        if ((low | high) < 0) break;
+        acc |= (low + 91 * high) << bits;
+        out[o++] = acc & 0xff; // out-of-range writes past the padding are ignored
         acc >>>= 8;
-        bits -= 8;
+        bits += 5;
+        if (bits >= 8) {
+          out[o++] = acc & 0xff;
+          acc >>>= 8;
+          bits -= 8;
+        }
       }
+      let low = -1;
+      for (; i < text.length && o < nBytes; i++) {
+        const value = lookup[text.charCodeAt(i)];
+        if (value < 0) continue;
+        if (low < 0) {
+          low = value;
+          continue;
+        }
+        acc |= (low + 91 * value) << bits;
+        low = -1;
+        bits += 13;
+        while (bits >= 8) {
+          out[o++] = acc & 0xff;
+          acc >>>= 8;
+          bits -= 8;
+        }
+      }
+      if (o < nBytes) throw new Error('card data: the text is truncated');
+      return out;
     }
-    if (o < nBytes) throw new Error('card data: the text is truncated');
-    return out;
+
+    async function decode(text, nBytes) {
+      const stream = new Blob([textToBytes(text, nBytes)]).stream().pipeThrough(new DecompressionStream('gzip'));
+      return new Response(stream).arrayBuffer();
+    }
+
+    if (typeof WorkerGlobalScope !== 'undefined' && self instanceof WorkerGlobalScope) {
+      self.onmessage = async (event) => {
+        try {
+          const buffer = await decode(event.data.text, event.data.nBytes);
+          self.postMessage({ buffer }, [buffer]);
+        } catch (error) {
+          self.postMessage({ error: String(error) });
+        }
+      };
+    }
+    return decode;
+  }
+
+  function decodeInWorker(text, nBytes) {
+    return new Promise((resolve, reject) => {
+      const source = new Blob(['(' + cardDataDecoder.toString() + ')();'], { type: 'text/javascript' });
+      const url = URL.createObjectURL(source);
+      const worker = new Worker(url); // throws where workers are not allowed: decoded on the page then
+      const finish = () => {
+        worker.terminate();
+        URL.revokeObjectURL(url);
+      };
+      worker.onmessage = (event) => {
+        finish();
+        if (event.data.error) reject(new Error(event.data.error));
+        else resolve(event.data.buffer);
+      };
+      worker.onerror = (event) => {
+        finish();
+        event.preventDefault();
+        reject(new Error(event.message || 'the decoding worker failed'));
+      };
+      worker.postMessage({ text, nBytes });
+    });
   }
 
   function halfToFloat(bits) {
@@ -115,11 +172,16 @@
 
   async function decode() {
     const element = document.getElementById(DATA_ID);
-    const bytes = textToBytes(element.textContent, Number(element.dataset.bytes));
-    element.textContent = ''; // the string is no longer needed; let it be collected
-    state.timings.text_ms = performance.now() - t0;
-    const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream('gzip'));
-    const buffer = await new Response(stream).arrayBuffer();
+    const text = element.textContent;
+    const nBytes = Number(element.dataset.bytes);
+    element.textContent = ''; // the page keeps no second copy of the text
+    let buffer;
+    try {
+      buffer = await decodeInWorker(text, nBytes);
+    } catch (error) {
+      console.warn('feature cards: decoding on the page, not in a worker:', error);
+      buffer = await cardDataDecoder()(text, nBytes);
+    }
     state.timings.inflate_ms = performance.now() - t0;
     Object.assign(state, parse(buffer));
     state.timings.decode_ms = performance.now() - t0;
@@ -334,10 +396,12 @@
   function openFeature(feature, { fly }) {
     feature = Number(feature);
     if (!state.ready) return showMessage(state.error ? 'Card data could not be read: ' + state.error : 'Loading cards\u2026');
+    const start = performance.now();
     const card = cardData(feature);
     if (!card) return showMessage(`Feature ${feature} is not in this export (hidden or out of range).`);
     ensurePanel();
     body.replaceChildren(render(card));
+    state.timings.card_ms = performance.now() - start; // decode and build the card's DOM
     body.scrollTop = 0;
     panel.classList.add('sae-open');
     state.current = feature;

@@ -93,13 +93,13 @@ def huffman_encode(symbols: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray
     # 4 bytes. Codes never share bits, so adding their bytes is the same as OR-ing them.
     window = codes << (32 - bits - (starts & 7)).astype(np.uint64)
     first_byte = starts >> 3
-    stream = np.zeros(n_bytes, dtype=np.float64)
+    runs = np.flatnonzero(np.diff(first_byte, prepend=-1))  # codes that start in the same byte
+    run_byte = first_byte[runs]
+    stream = np.zeros(n_bytes + 4, dtype=np.uint64)
     for k in range(4):
-        part = ((window >> np.uint64(24 - 8 * k)) & np.uint64(0xFF)).astype(np.float64)
-        index = first_byte + k
-        inside = index < n_bytes
-        stream += np.bincount(index[inside], weights=part[inside], minlength=n_bytes)
-    return stream.astype(np.uint8), bits
+        part = (window >> np.uint64(24 - 8 * k)) & np.uint64(0xFF)
+        stream[run_byte + k] += np.add.reduceat(part, runs) if runs.size else 0
+    return stream[:n_bytes].astype(np.uint8), bits
 
 
 def huffman_decode(data: np.ndarray, start_bit: int, end_bit: int, counts: list[int]) -> list[int]:

@@ -7,9 +7,14 @@
   sequence is dropped: it is an attention sink whose norm is ~100× the others'.
 - ``harvest_to_buffer`` fills an ``ActivationBuffer``: a ``.npy`` memory map of (n_tokens, d_model) in a
   folder with ``meta.json``. The k-th harvested row is written to slot ``perm[k]`` of a seeded
-  permutation, so reading consecutive rows gives shuffled tokens. It is resumable: meta records how
-  many rows are written; a finished buffer is reused; a folder holding a buffer made with other
-  settings is an error (harvests are slow to redo) unless ``overwrite=True``.
+  permutation, so reading consecutive rows gives shuffled tokens (random-slot writes go through the
+  page cache; a buffer much larger than RAM would harvest slower). It is resumable: meta records how
+  many rows are on disk (checkpointed every ~10 s and on any exit); a rerun re-forms the same batches,
+  skips those already written without running the model, and continues bit-identically. A finished
+  buffer is reused; a folder holding a buffer made with other settings is an error (a harvest is slow
+  to redo, so it is never silently replaced) unless ``overwrite=True``.
+- On a CPU with native bf16, the default ``compute_dtype="auto"`` harvests with a bf16 copy of a float32
+  model: ~2× faster, ~1% relative error per activation at layer 15 of SmolLM2 (bench/bench_harvest.py).
 """
 
 from __future__ import annotations

@@ -16,8 +16,7 @@ import re
 import unicodedata
 import urllib.error
 import urllib.request
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ ENV_URL, ENV_KEY, ENV_MODEL = "SAE_MAP_LLM_URL", "SAE_MAP_LLM_KEY", "SAE_MAP_LLM
 
 # Byte-level BPE (Ġ space, Ċ newline, ĉ tab) and SentencePiece (▁ space) markers.
 _MARKERS = str.maketrans({"Ġ": " ", "▁": " ", "Ċ": "\n", "ĉ": "\t"})
+_SPACES = re.compile(r"\s+")
 
 
 class LabelFileError(ValueError):
@@ -55,9 +55,11 @@ def clean_label(text: object, max_chars: int = MAX_LABEL_CHARS) -> str:
     """Drop control/format characters, collapse whitespace, cap the length with an ellipsis."""
     if text is None or (isinstance(text, float) and math.isnan(text)):
         return ""
-    chars = (" " if ch.isspace() else ch for ch in str(text))
-    kept = "".join(ch for ch in chars if unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn"))
-    kept = re.sub(r"\s+", " ", kept).strip()
+    kept = str(text)
+    if not kept.isprintable():  # the slow path only for text with control/format/odd characters
+        chars = (" " if ch.isspace() else ch for ch in kept)
+        kept = "".join(ch for ch in chars if unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn"))
+    kept = _SPACES.sub(" ", kept).strip()
     if len(kept) > max_chars:
         kept = kept[: max_chars - 1].rstrip() + "…"
     return kept
@@ -85,50 +87,61 @@ def auto_labels(features_df: pd.DataFrame, examples_df: pd.DataFrame) -> list[st
     a feature firing on " the" everywhere does not win over one specific to "pizza". Output side:
     the first word-like tokens its decoder direction promotes (the logit lens).
     """
-    weights = _activating_token_weights(examples_df)
-    n_docs = max(len(weights), 1)
-    doc_freq = Counter(token for counts in weights.values() for token in counts)
+    fires_on = _characteristic_tokens(examples_df)
     labels: list[str] = []
     taken: set[str] = set()
-    for row in features_df.itertuples(index=False):
-        if bool(row.dead):
+    for feature, dead, top_logits in zip(
+        features_df["feature"], features_df["dead"], features_df["top_logits"], strict=True
+    ):
+        if bool(dead):
             labels.append(DEAD_LABEL)
             continue
-        counts = weights.get(int(row.feature), {})
-        scored = sorted(
-            ((w * math.log(1 + n_docs / doc_freq[t]), t) for t, w in counts.items()), reverse=True
-        )
-        fires_on = _significant([t for _, t in scored], [s for s, _ in scored])
-        label = _unique(_label_variants(fires_on, _wordy(row.top_logits)), taken)
+        label = _unique(_label_variants(fires_on.get(int(feature), []), _wordy(top_logits)), taken)
         taken.add(label)
         labels.append(label)
     return labels
 
 
-def _activating_token_weights(examples_df: pd.DataFrame) -> dict[int, dict[str, float]]:
-    """feature → {label token: summed activation over its examples}, focus tokens counted twice."""
-    weights: dict[int, Counter] = {}
-    for feature, tokens, acts, act in zip(
-        examples_df["feature"], examples_df["tokens"], examples_df["acts"], examples_df["act"], strict=True
-    ):
-        acts = np.asarray(acts, dtype=np.float64)
-        if len(acts) == 0:
-            continue
-        counter = weights.setdefault(int(feature), Counter())
-        focus = int(np.argmin(np.abs(acts - float(act))))
-        peak = max(float(acts.max()), 1e-12)
-        for index in np.flatnonzero(acts > 0):
-            token = label_token(tokens[index])
-            if token:
-                counter[token] += acts[index] / peak * (2.0 if index == focus else 1.0)
-    return {feature: dict(counter) for feature, counter in weights.items()}
+def _characteristic_tokens(examples_df: pd.DataFrame, limit: int = 3) -> dict[int, list[str]]:
+    """feature → up to ``limit`` tokens it fires on, best first, by TF-IDF.
 
-
-def _significant(tokens: list[str], scores: list[float], limit: int = 3) -> list[str]:
-    """The leading tokens whose score is at least a third of the best one."""
-    if not tokens:
-        return []
-    return [t for t, s in zip(tokens[:limit], scores[:limit], strict=True) if s >= scores[0] / 3]
+    TF: the feature's activation on the token summed over its examples, each example scaled to its
+    own peak, the focus token counted twice. IDF: sqrt(log(1 + features / features firing on the token)).
+    Tokens scoring under a third of the best are left out. Vectorised (65,536 features x ~19
+    examples x ~20 tokens is ~25M cells).
+    """
+    lengths = examples_df["acts"].map(len).to_numpy() if len(examples_df) else np.zeros(0, int)
+    frame, lengths = examples_df[lengths > 0], lengths[lengths > 0]
+    if frame.empty:
+        return {}
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    acts = np.concatenate([np.asarray(a, dtype=np.float64) for a in frame["acts"]])
+    distance = np.abs(acts - np.repeat(frame["act"].to_numpy(np.float64), lengths))
+    focus = distance == np.repeat(np.minimum.reduceat(distance, starts), lengths)
+    peak = np.maximum(np.repeat(np.maximum.reduceat(acts, starts), lengths), 1e-12)
+    weight = acts / peak * np.where(focus, 2.0, 1.0)
+    # Token strings → codes of their label form ("Ġpizza", " pizza" and "pizza" are one token).
+    raw_codes, raw = pd.factorize(np.concatenate([np.asarray(t, dtype=object) for t in frame["tokens"]]))
+    shown_codes, shown = pd.factorize(np.array([label_token(t) for t in raw], dtype=object))
+    token = shown_codes[raw_codes]
+    feature = np.repeat(frame["feature"].to_numpy(np.int64), lengths)
+    keep = (acts > 0) & (shown != "")[token]
+    keys, inverse = np.unique(feature[keep] * len(shown) + token[keep], return_inverse=True)
+    tf = np.bincount(inverse, weights=weight[keep])
+    key_feature, key_token = keys // len(shown), keys % len(shown)
+    doc_freq = np.bincount(key_token, minlength=len(shown))[key_token]
+    # IDF softened by a square root: rare tokens should win over " the", not over a feature's main token.
+    score = tf * np.sqrt(np.log1p(len(np.unique(key_feature)) / doc_freq))
+    order = np.lexsort((key_token, -score, key_feature))  # by feature, best score first
+    key_feature, key_token, score = key_feature[order], key_token[order], score[order]
+    first = np.r_[True, key_feature[1:] != key_feature[:-1]]
+    group_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    rank = np.arange(len(order)) - group_start
+    chosen = (rank < limit) & (score >= score[group_start] / 3)
+    out: dict[int, list[str]] = {}
+    for f, t in zip(key_feature[chosen].tolist(), shown[key_token[chosen]].tolist(), strict=True):
+        out.setdefault(f, []).append(t)
+    return out
 
 
 def _wordy(tokens: Iterable[str] | None, limit: int = 3) -> list[str]:
@@ -143,31 +156,28 @@ def _wordy(tokens: Iterable[str] | None, limit: int = 3) -> list[str]:
     return shown
 
 
-def _label_variants(fires_on: list[str], promotes: list[str]) -> list[str]:
+def _label_variants(fires_on: list[str], promotes: list[str]) -> Iterator[str]:
     """Labels from short to detailed; the first one not used by another feature is chosen."""
-    variants = []
     for n_in in range(1, max(len(fires_on), 1) + 1):
         for n_out in range(min(len(promotes), 2), len(promotes) + 1):
             left = " / ".join(f"'{t}'" for t in fires_on[:n_in])
             right = ", ".join(promotes[:n_out])
             if left and right:
                 text = f"{left} → {right}"
-            elif left:
-                text = left
-            elif right:
-                text = f"→ {right}"
+            elif left or right:
+                text = left or f"→ {right}"
             else:
                 text = NO_EVIDENCE_LABEL
-            variants.append(clean_label(text, MAX_AUTO_CHARS))
-    return list(dict.fromkeys(variants))
+            yield clean_label(text, MAX_AUTO_CHARS)
 
 
-def _unique(variants: list[str], taken: set[str]) -> str:
+def _unique(variants: Iterable[str], taken: set[str]) -> str:
+    """The first variant not taken; else the most detailed one with a counter (" ·2")."""
+    text = NO_EVIDENCE_LABEL
     for text in variants:
         if text not in taken:
             return text
-    base = variants[-1][: MAX_AUTO_CHARS - 4]
-    n = 2
+    base, n = text[: MAX_AUTO_CHARS - 4], 2
     while f"{base} ·{n}" in taken:
         n += 1
     return f"{base} ·{n}"

@@ -26,10 +26,49 @@ WORD = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*")
 
 # Words that carry no topic in feature labels ("References to ...", "Tokens in ...").
 LABEL_BOILERPLATE = frozenset(
-    "feature features token tokens word words text texts concept concepts related relating "
-    "reference references referring mention mentions mentioning various usage use used using "
-    "context contexts instance instances specific particular terms term phrase phrases "
-    "example examples typically especially including involving like within".split()
+    {
+        "feature",
+        "features",
+        "token",
+        "tokens",
+        "word",
+        "words",
+        "text",
+        "texts",
+        "concept",
+        "concepts",
+        "related",
+        "relating",
+        "reference",
+        "references",
+        "referring",
+        "mention",
+        "mentions",
+        "mentioning",
+        "various",
+        "usage",
+        "use",
+        "used",
+        "using",
+        "context",
+        "contexts",
+        "instance",
+        "instances",
+        "specific",
+        "particular",
+        "terms",
+        "term",
+        "phrase",
+        "phrases",
+        "example",
+        "examples",
+        "typically",
+        "especially",
+        "including",
+        "involving",
+        "like",
+        "within",
+    }
 )
 
 
@@ -64,7 +103,7 @@ def _label_terms(label: object, stop: frozenset[str]) -> set[str]:
     terms: set[str] = set()
     for run in _content_runs(label, stop):
         terms.update(run)
-        terms.update(f"{a} {b}" for a, b in zip(run, run[1:]) if a != b)
+        terms.update(f"{a} {b}" for a, b in zip(run, run[1:], strict=False) if a != b)
     return terms
 
 
@@ -114,7 +153,9 @@ def _ranked_candidates(
         # Longer terms (bigrams) win ties: they say more in the same space.
         score = tf * idf[terms] * np.array([1.0 + 0.1 * vocab[t].count(" ") for t in terms])
         best = np.lexsort((terms, -score))[:top]
-        ranked.append([_Candidate(vocab[terms[j]], frozenset(vocab[terms[j]].split()), float(score[j])) for j in best])
+        ranked.append(
+            [_Candidate(vocab[terms[j]], frozenset(vocab[terms[j]].split()), float(score[j])) for j in best]
+        )
     return ranked
 
 
@@ -179,7 +220,9 @@ def name_clusters(
     """
     cluster_ids = np.asarray(cluster_ids)
     if len(member_labels) != len(cluster_ids):
-        raise ValueError(f"{len(member_labels)} labels for {len(cluster_ids)} cluster ids; pass one label per feature")
+        raise ValueError(
+            f"{len(member_labels)} labels for {len(cluster_ids)} cluster ids; pass one label per feature"
+        )
     if len(cluster_ids) == 0:
         return {}
     stop = _stopwords()
@@ -189,7 +232,7 @@ def name_clusters(
     avoid = avoid or {}
     ranked = [
         _penalise(cands, frozenset(w.lower() for w in WORD.findall(avoid.get(int(c), ""))), avoid_factor)
-        for c, cands in zip(clusters, ranked)
+        for c, cands in zip(clusters, ranked, strict=True)
     ]
     chosen = [_compose(cands, max_words, max_terms, min_relative_score) for cands in ranked]
     surface = _surface_forms(member_labels)
@@ -212,7 +255,7 @@ def _distinct_names(
     max_words: int,
 ) -> list[str]:
     """Disambiguate equal names: add next-best terms (largest cluster keeps its name), then suffixes."""
-    names = [_base_name(int(c), ch, surface) for c, ch in zip(clusters, chosen)]
+    names = [_base_name(int(c), ch, surface) for c, ch in zip(clusters, chosen, strict=True)]
     for _ in range(4):  # a few rounds of adding one more term
         clashes = [g for g in _groups_by_name(names, sizes) if len(g) > 1]
         if not clashes:
@@ -265,4 +308,3 @@ def name_levels(
             avoid = {c: named[i - 1][p] for c, p in parents[i].items() if n_children[p] > 1}
         named.append(name_clusters(member_labels, level, avoid=avoid, **kwargs))  # type: ignore[arg-type]
     return named
-

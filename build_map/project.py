@@ -1,21 +1,24 @@
 """Project SAE decoder directions to 2-D: cosine geometry, exact kNN in torch, UMAP layout.
 
-The fast path, and why it is faster than ``umap.UMAP(metric="cosine").fit(W_dec)``:
+The fast path, and why it beats ``umap.UMAP(metric="cosine").fit(W_dec)``:
 
-1. Rows are L2-normalised (a decoder direction's norm is a scale, not a meaning) and reduced
-   with a randomised PCA to ``pca_dim`` (~128) dimensions. The kNN graph is built there, where a
-   matrix product is 32x cheaper than in 4,096-d.
-2. The kNN graph is *exact* (a chunked matmul + top-k in torch, on the GPU when there is one),
-   so UMAP's NN-descent, its slowest step on high-dimensional data and the biggest part of its
-   first-call numba compile, is skipped: the graph goes to umap-learn as ``precomputed_knn``.
-3. umap-learn then only builds the fuzzy graph and optimises the layout.
+1. Rows are L2-normalised (a decoder direction's norm is a scale, not a meaning). On CPU, when
+   an exact search over the full width would be too slow (65,536 x 4,096: ~10 min on two
+   cores), they are reduced with a randomised PCA to 128-256 dimensions first; on a GPU, or for
+   small SAEs, the search runs on the full directions (``ProjectConfig.pca_dim="auto"``).
+2. The kNN graph is *exact* in that space (a chunked matmul + top-k in torch, on the GPU when
+   there is one), so UMAP's NN-descent, its slowest step on high-dimensional data and most of
+   its first-call numba compile, is skipped: the graph goes to umap-learn as ``precomputed_knn``.
+3. umap-learn then only builds the fuzzy graph and optimises the layout (seeded, so the same
+   input gives the same map).
 
-numba compile cache: umap-learn (through pynndescent) spends ~20 s compiling on its first import
-in a fresh environment. Those functions are compiled with ``cache=True``; numba writes them next
-to the package source by default, which is lost in read-only installs (containers, system
-site-packages). Before umap is first imported we point ``NUMBA_CACHE_DIR`` at the project's user
-cache folder (``<user cache>/sae-feature-map/numba``, or ``$SAE_MAP_CACHE/numba``), unless the
-user has set ``NUMBA_CACHE_DIR`` themselves, so later processes start in seconds.
+numba compile cache: importing umap-learn compiles pynndescent's numba code, ~20 s in a fresh
+environment and ~3 s once cached (those functions use ``cache=True``). Before umap is first
+imported we point ``NUMBA_CACHE_DIR`` at the project's cache folder (``<user cache
+folder>/sae-feature-map/numba``, or ``$SAE_MAP_CACHE/numba``), unless the user has set
+``NUMBA_CACHE_DIR`` themselves, so the cache is kept with the project's other caches and
+works where site-packages is read-only (containers, system installs). umap-learn's own layout
+code is not cacheable and still compiles in every process (~5-10 s).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,6 +38,10 @@ from build_map.paths import cache_dir
 logger = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 256 * 2**20  # memory for one block of the (chunk, n) similarity matrix
+# pca_dim="auto" on CPU: search the full directions when n^2 d fits this budget (~10-20 s on two
+# cores), else as many PCA dimensions as fit it, within CPU_PCA_DIMS (128 for 65,536 features).
+CPU_KNN_BUDGET = 65536**2 * 128
+CPU_PCA_DIMS = (128, 256)
 
 
 @dataclass(frozen=True)
@@ -41,9 +50,12 @@ class ProjectConfig:
     """UMAP neighbourhood size (kNN graph degree, counting the point itself)."""
     min_dist: float = 0.1
     """UMAP minimum distance between points in the layout; smaller packs clusters tighter."""
-    pca_dim: int | None = 128
+    pca_dim: int | Literal["auto"] | None = "auto"
     """Reduce the normalised directions to this many PCA dimensions before the kNN search
-    (skipped when d <= pca_dim, or when None)."""
+    (skipped when d <= pca_dim, or when None). "auto": the full directions on a GPU, where an
+    exact search takes seconds, and on CPU when n^2 d is small enough (e.g. 16,384 x 512); else
+    128-256 dimensions on CPU (128 for 65,536 x 4,096, where a full-width search would take
+    ~10 minutes on two cores)."""
     metric: str = "cosine"
     """Distance between directions. Only cosine is supported: SAE decoder directions are
     compared by angle."""
@@ -75,7 +87,9 @@ def _as_unit_rows(directions: np.ndarray | torch.Tensor, device: torch.device) -
     """(n, d) float32 tensor on ``device`` with unit rows (zero rows stay zero)."""
     x = torch.as_tensor(directions).to(device=device, dtype=torch.float32)
     if x.ndim != 2:
-        raise ValueError(f"decoder directions must be a 2-D (n_features, d_model) array, got {tuple(x.shape)}")
+        raise ValueError(
+            f"decoder directions must be a 2-D (n_features, d_model) array, got {tuple(x.shape)}"
+        )
     return torch.nn.functional.normalize(x, dim=1)
 
 
@@ -189,6 +203,16 @@ def _small_layout(x: torch.Tensor) -> np.ndarray:
     return xy
 
 
+def _resolve_pca_dim(pca_dim: int | str | None, device: torch.device, n: int, d: int) -> int | None:
+    if pca_dim == "auto":
+        if device.type != "cpu" or n * n * d <= CPU_KNN_BUDGET:
+            return None  # exact search on the full directions is affordable
+        return int(min(max(CPU_KNN_BUDGET // (n * n), CPU_PCA_DIMS[0]), CPU_PCA_DIMS[1]))
+    if pca_dim is not None and (not isinstance(pca_dim, int) or pca_dim < 2):
+        raise ValueError(f"ProjectConfig.pca_dim={pca_dim!r}; use an int >= 2, 'auto' or None")
+    return pca_dim
+
+
 def project_directions(directions: np.ndarray | torch.Tensor, cfg: ProjectConfig | None = None) -> np.ndarray:
     """2-D UMAP layout of decoder directions (n, d) -> float32 (n, 2).
 
@@ -196,8 +220,12 @@ def project_directions(directions: np.ndarray | torch.Tensor, cfg: ProjectConfig
     is then the first two principal components.
     """
     cfg = cfg or ProjectConfig()
-    reduced = reduce_directions(directions, cfg.pca_dim, cfg.device, cfg.seed)  # (n, <= pca_dim)
-    n = reduced.shape[0]
+    device = resolve_device(cfg.device)
+    shape = tuple(directions.shape)
+    pca_dim = _resolve_pca_dim(cfg.pca_dim, device, shape[0], shape[1] if len(shape) == 2 else 0)
+    start = time.perf_counter()
+    reduced = reduce_directions(directions, pca_dim, device, cfg.seed)  # (n, <= pca_dim)
+    n, dim = reduced.shape
     if n < cfg.n_neighbors + 2:
         logger.info("%d directions is too few for UMAP (n_neighbors=%d): PCA layout", n, cfg.n_neighbors)
         return _small_layout(reduced)
@@ -205,7 +233,18 @@ def project_directions(directions: np.ndarray | torch.Tensor, cfg: ProjectConfig
         unit = torch.nn.functional.normalize(reduced, dim=1)
         knn = _with_self(*_exact_knn_unit(unit, cfg.n_neighbors - 1, None))
         data = reduced.cpu().numpy()
-    return _umap_layout(data, knn, cfg)
+    logger.info(
+        "exact %d-NN graph of %d directions in %d dims on %s: %.1f s",
+        cfg.n_neighbors,
+        n,
+        dim,
+        device,
+        time.perf_counter() - start,
+    )
+    start = time.perf_counter()
+    xy = _umap_layout(data, knn, cfg)
+    logger.info("UMAP layout: %.1f s", time.perf_counter() - start)
+    return xy
 
 
 def _umap_layout(data: np.ndarray, knn: tuple[np.ndarray, np.ndarray], cfg: ProjectConfig) -> np.ndarray:

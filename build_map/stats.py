@@ -4,15 +4,18 @@ One streaming pass runs the model (cut after the hookpoint) and the SAE over the
 per feature, only fixed-size tensors (so 65,536 features fit on a GPU):
 
 - active-token count and activation sum (density, mean over active tokens);
-- a running top-n of (activation, token location): each batch's nonzero activations (the SAE is
-  sparse, so there are few) are ranked within their feature and merged into a (d_sae, n_top) buffer;
-- a uniform reservoir sample of (activation, location) per feature, by the same merge with random
-  keys (keep the R largest keys = sample without replacement). Quantile-bucket examples and the
-  tokens a feature fires on come from it.
+- a running top-n of (activation, token location, window): each batch's nonzero activations (the
+  SAE is sparse, so there are few) are ranked within their feature and merged into (d_sae, n_top)
+  buffers;
+- a uniform reservoir sample of the same per feature, by the same merge with random keys (keep the
+  R largest keys = sample without replacement). Quantile-bucket examples and the tokens a feature
+  fires on come from it.
 
-Only token ids and (sequence, position) per token are kept from the corpus. A second, small pass
-re-runs only the sequences that hold a chosen example to get each feature's activation on every
-token of the example's window.
+An entry's *window* is the feature's activation on the ~20 tokens around it. A batch always holds
+whole sequences, so it is read from the batch's activations when the entry gets into a buffer; no
+activations are stored, and no second pass over the model is needed (one would re-run nearly every
+sequence: with thousands of features, almost every sequence holds some feature's example). Only
+token ids and (sequence, position) per token are kept from the corpus, to rebuild the windows' text.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from build_map.harvest import batch_sequences, cut_forward, iter_activation_batches, pad_batch
+from build_map.harvest import iter_activation_batches
 from build_map.models import LoadedModel, d_model, normalize_hookpoint
 from build_map.project import exact_knn
 from build_map.sae import SparseAutoencoder, check_matches_model
@@ -62,11 +65,12 @@ class StatsConfig:
     n_per_quantile: int = 3
     """Examples per quantile bucket."""
     reservoir_size: int = 64
-    """Uniformly sampled activating tokens kept per feature, for quantiles and top tokens."""
+    """Uniformly sampled activating tokens kept per feature, for quantiles and top tokens. With the
+    top examples, each holds a window of activations: d_sae x (n_top + reservoir_size) x 20 floats
+    (390 MB for 65,536 features), on the SAE's device."""
     batch_tokens: int = 4096
-    """Tokens per forward pass (rows x longest sequence), as in harvesting."""
-    encode_chunk: int = 4096
-    """Tokens per SAE encode: bounds the dense (tokens, d_sae) activation block in memory."""
+    """Tokens per forward pass (rows x longest sequence), as in harvesting. Also bounds the dense
+    (tokens, d_sae) activation block: 4,096 x 65,536 features is 1 GiB in float32."""
     n_top_tokens: int = 10
     """Tokens listed per feature in ``top_tokens``."""
     logit_k: int = 10
@@ -77,8 +81,8 @@ class StatsConfig:
     """Seed for the reservoir sampling."""
 
     def __post_init__(self) -> None:
-        if self.n_tokens < 1 or self.n_top < 1 or self.batch_tokens < 1 or self.encode_chunk < 1:
-            raise StatsError("StatsConfig: n_tokens, n_top, batch_tokens and encode_chunk must be positive.")
+        if self.n_tokens < 1 or self.n_top < 1 or self.batch_tokens < 1:
+            raise StatsError("StatsConfig: n_tokens, n_top and batch_tokens must be positive.")
         if self.context_before < 0 or self.context_after < 0:
             raise StatsError("StatsConfig: context_before and context_after must be >= 0.")
         if any(not 0.0 < q < 1.0 for q in self.quantiles):
@@ -131,19 +135,16 @@ def compute_feature_stats(
                 "The corpus gave no tokens past the first position of each sequence; pass longer sequences."
             )
         streamed = time.perf_counter()
-        decoder = _TokenText(loaded.tokenizer)
-        examples = _example_rows(loaded, sae, hookpoint, corpus, _choose_examples(state, cfg), cfg, decoder)
-        contexts = time.perf_counter()
+        decoder = TokenText(loaded.tokenizer)
+        examples = _example_rows(corpus, _choose_examples(state, cfg), cfg, decoder)
         features = _feature_rows(loaded, sae, state, corpus, cfg, decoder)
     logger.info(
-        "Stats over %d tokens: %d of %d features live; %.1f s streaming, %.1f s example contexts, "
-        "%.1f s logit lens/neighbours/top tokens",
+        "Stats over %d tokens: %d of %d features live; %.1f s streaming, %.1f s tables",
         corpus.n_tokens,
         int((~features["dead"]).sum()),
         sae.d_sae,
         streamed - started,
-        contexts - streamed,
-        time.perf_counter() - contexts,
+        time.perf_counter() - streamed,
     )
     return FeatureStats(features, examples, corpus.n_tokens, corpus.n_sequences, cfg)
 
@@ -170,39 +171,69 @@ class _Corpus:
 
 
 class _RunningTop:
-    """Per feature, the ``size`` entries with the highest score seen so far, with their payloads."""
+    """Per feature, the ``size`` entries with the highest score seen so far, with their payloads:
+    activation value, token location and the activations of the window around it."""
 
-    def __init__(self, d_sae: int, size: int, device: torch.device):
+    def __init__(self, d_sae: int, size: int, width: int, device: torch.device):
         self.score = torch.full((d_sae, size), -math.inf, device=device)
         self.value = torch.zeros((d_sae, size), device=device)
         self.loc = torch.full((d_sae, size), -1, dtype=torch.long, device=device)
+        self.window = torch.zeros((d_sae, size, width), device=device)
 
-    def update(
-        self, feats: torch.Tensor, scores: torch.Tensor, values: torch.Tensor, locs: torch.Tensor
-    ) -> None:
+    def update(self, feats: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor, batch: _Batch) -> None:
+        """Offer the active pairs (``feats``, token ``rows`` of ``batch``) with their ``scores``."""
         # Only candidates that beat their feature's current worst kept entry can get in.
         better = scores > self.score[feats, -1]
-        feats, scores, values, locs = feats[better], scores[better], values[better], locs[better]
+        feats, scores, rows = feats[better], scores[better], rows[better]
         if feats.numel() == 0:
             return
-        d_sae, size = self.score.shape
+        size = self.score.shape[1]
         # Rank candidates within their feature: sort by score, then (stably) by feature.
         order = torch.argsort(scores, descending=True, stable=True)
         order = order[torch.argsort(feats[order], stable=True)]
-        feats = feats[order]
-        counts = torch.bincount(feats, minlength=d_sae)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(feats.numel(), device=feats.device) - starts[feats]
+        feats, scores, rows = feats[order], scores[order], rows[order]
+        touched, counts = torch.unique_consecutive(feats, return_counts=True)
+        slot = torch.repeat_interleave(torch.arange(touched.numel(), device=feats.device), counts)
+        rank = torch.arange(feats.numel(), device=feats.device) - (torch.cumsum(counts, 0) - counts)[slot]
         keep = rank < size
-        feats, rank, order = feats[keep], rank[keep], order[keep]
-        cand = _RunningTop(d_sae, size, self.score.device)
-        cand.score[feats, rank] = scores[order]
-        cand.value[feats, rank] = values[order]
-        cand.loc[feats, rank] = locs[order]
-        merged_score = torch.cat([self.score, cand.score], 1)
-        self.score, index = merged_score.topk(size, dim=1)
-        self.value = torch.cat([self.value, cand.value], 1).gather(1, index)
-        self.loc = torch.cat([self.loc, cand.loc], 1).gather(1, index)
+        feats, scores, rows, slot, rank = feats[keep], scores[keep], rows[keep], slot[keep], rank[keep]
+        # Merge, for the touched features only, the kept entries with the new candidates.
+        shape = (touched.numel(), size)
+        cand_score = torch.full(shape, -math.inf, device=feats.device)
+        cand_score[slot, rank] = scores
+        cand_value = torch.zeros(shape, device=feats.device)
+        cand_value[slot, rank] = batch.acts[rows, feats]
+        cand_loc = torch.full(shape, -1, dtype=torch.long, device=feats.device)
+        cand_loc[slot, rank] = rows + batch.first_loc
+        cand_window = torch.zeros((*shape, self.window.shape[2]), device=feats.device)
+        cand_window[slot, rank] = batch.windows(rows, feats)
+        merged, index = torch.cat([self.score[touched], cand_score], 1).topk(size, dim=1)
+        self.score[touched] = merged
+        self.value[touched] = torch.cat([self.value[touched], cand_value], 1).gather(1, index)
+        self.loc[touched] = torch.cat([self.loc[touched], cand_loc], 1).gather(1, index)
+        wide = index[:, :, None].expand(-1, -1, self.window.shape[2])
+        self.window[touched] = torch.cat([self.window[touched], cand_window], 1).gather(1, wide)
+
+
+@dataclass
+class _Batch:
+    """One batch's dense SAE activations and where its tokens are."""
+
+    acts: torch.Tensor  # (n, d_sae): its tokens, sequence by sequence, in position order
+    seq: torch.Tensor  # (n,) sequence index of each token (on the activations' device)
+    first_loc: int  # corpus-wide index of its first token
+    offsets: torch.Tensor  # (W,) window positions relative to the focus token
+
+    def windows(self, rows: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """(len(rows), W) activation of feature ``feats[i]`` around token ``rows[i]``.
+
+        A sequence's tokens are consecutive rows, so the token ``o`` positions away is ``o`` rows away
+        when it is in the same sequence; otherwise (outside the sequence, or its excluded first
+        position) the window shows 0."""
+        index = rows[:, None] + self.offsets[None, :]
+        clamped = index.clamp(0, self.acts.shape[0] - 1)
+        same = (index == clamped) & (self.seq[clamped] == self.seq[rows][:, None])
+        return torch.where(same, self.acts[clamped, feats[:, None]], 0.0).float()
 
 
 @dataclass
@@ -214,29 +245,30 @@ class _State:
 
 
 def _stream(loaded, sae, hookpoint, sequences, cfg, device) -> tuple[_State, _Corpus]:
-    d_sae = sae.d_sae
+    d_sae, offsets = sae.d_sae, _offsets(cfg, device)
     state = _State(
         count=torch.zeros(d_sae, dtype=torch.long, device=device),
         act_sum=torch.zeros(d_sae, dtype=torch.float64, device=device),
-        top=_RunningTop(d_sae, cfg.n_top, device),
-        reservoir=_RunningTop(d_sae, max(cfg.reservoir_size, 1), device),
+        top=_RunningTop(d_sae, cfg.n_top, len(offsets), device),
+        reservoir=_RunningTop(d_sae, max(cfg.reservoir_size, 1), len(offsets), device),
     )
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    kept: list[torch.Tensor] = []  # kept[i] is sequence i: the second pass re-runs some of them
+    kept: list[torch.Tensor] = []  # kept[i] is sequence i, to rebuild example text
     seq_parts, pos_parts, tok_parts = [], [], []
     n_seen = 0
     bar = tqdm(total=cfg.n_tokens, desc="Feature stats", unit="tok", unit_scale=True)
     batches = iter_activation_batches(
         loaded.model, loaded.tokenizer, hookpoint, _recorded(sequences, kept), cfg.batch_tokens
     )
-    for batch in batches:
-        take = min(int(batch.acts.shape[0]), cfg.n_tokens - n_seen)
-        for chunk in range(0, take, cfg.encode_chunk):
-            hidden = batch.acts[chunk : min(chunk + cfg.encode_chunk, take)].to(device)
-            _accumulate(state, sae.encode(hidden), n_seen + chunk, generator)  # (chunk, d_sae)
-        seq_parts.append(batch.sequence_ids[:take])
-        pos_parts.append(batch.positions[:take])
-        tok_parts.append(batch.token_ids[:take])
+    for harvested in batches:
+        take = min(int(harvested.acts.shape[0]), cfg.n_tokens - n_seen)
+        # The whole batch is encoded (windows may reach past the token budget); only ``take`` count.
+        acts = sae.encode(harvested.acts.to(device))  # (n, d_sae)
+        batch = _Batch(acts, harvested.sequence_ids.to(device), n_seen, offsets)
+        _accumulate(state, batch, take, generator)
+        seq_parts.append(harvested.sequence_ids[:take])
+        pos_parts.append(harvested.positions[:take])
+        tok_parts.append(harvested.token_ids[:take])
         n_seen += take
         bar.update(take)
         if n_seen >= cfg.n_tokens:
@@ -254,6 +286,10 @@ def _stream(loaded, sae, hookpoint, sequences, cfg, device) -> tuple[_State, _Co
     return state, corpus
 
 
+def _offsets(cfg: StatsConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.arange(-cfg.context_before, cfg.context_after + 1, device=device)
+
+
 def _recorded(sequences: Iterable[Sequence[int]], kept: list[torch.Tensor]) -> Iterator[list[int]]:
     """Pass ``sequences`` on as lists, keeping each one (as a compact tensor) in ``kept``."""
     for ids in sequences:
@@ -262,15 +298,14 @@ def _recorded(sequences: Iterable[Sequence[int]], kept: list[torch.Tensor]) -> I
         yield ids.tolist()
 
 
-def _accumulate(state: _State, acts: torch.Tensor, first_loc: int, generator: torch.Generator) -> None:
-    rows, feats = acts.nonzero(as_tuple=True)  # sparse: only the active (token, feature) pairs
-    values = acts[rows, feats].float()
-    locs = rows + first_loc
+def _accumulate(state: _State, batch: _Batch, take: int, generator: torch.Generator) -> None:
+    rows, feats = batch.acts[:take].nonzero(as_tuple=True)  # sparse: only the active (token, feature) pairs
+    values = batch.acts[rows, feats].float()
     state.count += torch.bincount(feats, minlength=state.count.numel())
     state.act_sum.index_add_(0, feats, values.double())
-    state.top.update(feats, values, values, locs)
+    state.top.update(feats, values, rows, batch)
     keys = torch.rand(values.shape, generator=generator, device=values.device)
-    state.reservoir.update(feats, keys, values, locs)
+    state.reservoir.update(feats, keys, rows, batch)
 
 
 # ---------------------------------------------------------------- choosing examples
@@ -280,32 +315,31 @@ def _accumulate(state: _State, acts: torch.Tensor, first_loc: int, generator: to
 class _Chosen:
     feature: torch.Tensor  # (n_examples,) int64
     bucket: list[str]
-    rank: torch.Tensor
-    act: torch.Tensor
-    loc: torch.Tensor
+    rank: torch.Tensor  # (n_examples,) order within the bucket
+    act: torch.Tensor  # (n_examples,) activation at the focus token
+    loc: torch.Tensor  # (n_examples,) corpus-wide token index of the focus token
+    window: torch.Tensor  # (n_examples, W) activations around it
 
 
 def _choose_examples(state: _State, cfg: StatsConfig) -> _Chosen:
     """Top examples, then per quantile the reservoir samples whose activation is nearest to it."""
-    top_ok = state.top.loc >= 0
-    parts = [(TOP_BUCKET, state.top.value, state.top.loc, top_ok)]
-    res_value, res_loc = state.reservoir.value, state.reservoir.loc
-    valid = res_loc >= 0
+    top, res = state.top, state.reservoir
+    parts = [(TOP_BUCKET, top, torch.arange(top.loc.shape[1], device=top.loc.device).expand_as(top.loc))]
+    valid = res.loc >= 0
     if cfg.quantiles and cfg.n_per_quantile > 0 and bool(valid.any()):
-        in_top = (res_loc[:, :, None] == state.top.loc[:, None, :]).any(-1)
-        free = valid & ~in_top
+        free = valid & ~(res.loc[:, :, None] == top.loc[:, None, :]).any(-1)  # not already a top example
         for q in cfg.quantiles:
-            level = _row_quantile(res_value, valid, q)  # (d_sae,)
-            distance = torch.where(
-                free, (res_value - level[:, None]).abs(), torch.full_like(res_value, math.inf)
-            )
-            n = min(cfg.n_per_quantile, distance.shape[1])
-            near, index = distance.topk(n, dim=1, largest=False)
+            level = _row_quantile(res.value, valid, q)  # (d_sae,)
+            distance = torch.where(free, (res.value - level[:, None]).abs(), math.inf)
+            near, index = distance.topk(min(cfg.n_per_quantile, distance.shape[1]), dim=1, largest=False)
             ok = torch.isfinite(near)
-            value, loc = res_value.gather(1, index), res_loc.gather(1, index)
-            order = torch.argsort(torch.where(ok, value, -math.inf), dim=1, descending=True)
-            parts.append((bucket_name(q), value.gather(1, order), loc.gather(1, order), ok.gather(1, order)))
-            free = free.scatter(1, index, torch.zeros_like(ok)) if ok.any() else free
+            # best first within the bucket; entries that are not ok sort last
+            order = torch.argsort(
+                torch.where(ok, res.value.gather(1, index), -math.inf), dim=1, descending=True
+            )
+            index = torch.where(ok.gather(1, order), index.gather(1, order), -1)
+            parts.append((bucket_name(q), res, index))
+            free = free.scatter(1, index.clamp(min=0), False) if bool(ok.any()) else free
     return _flatten_choice(parts)
 
 
@@ -313,55 +347,54 @@ def _row_quantile(values: torch.Tensor, valid: torch.Tensor, q: float) -> torch.
     """Per row, the linear-interpolated ``q`` quantile of the valid entries (NaN for none).
 
     torch.nanquantile would do, but refuses inputs over 16M elements (65,536 features x 256)."""
-    ordered = torch.where(valid, values, torch.full_like(values, math.inf)).sort(dim=1).values
+    ordered = torch.where(valid, values, math.inf).sort(dim=1).values
     count = valid.sum(1)
     where = q * (count - 1).clamp(min=0).to(values.dtype)
-    lo = where.floor().long()
-    hi = where.ceil().long()
+    lo, hi = where.floor().long(), where.ceil().long()
     low, high = ordered.gather(1, lo[:, None])[:, 0], ordered.gather(1, hi[:, None])[:, 0]
     level = low + (high - low) * (where - lo.to(values.dtype))
-    return torch.where(count > 0, level, torch.full_like(level, math.nan))
+    return torch.where(count > 0, level, math.nan)
 
 
-def _flatten_choice(parts) -> _Chosen:
-    features, buckets, ranks, acts, locs = [], [], [], [], []
-    for bucket, value, loc, ok in parts:
-        feature, slot = ok.nonzero(as_tuple=True)
-        # Valid entries are packed at the front of each row (sorted, best first), so slot = rank.
+def _flatten_choice(parts: list[tuple[str, _RunningTop, torch.Tensor]]) -> _Chosen:
+    """One row per chosen entry; ``index`` (d_sae, m) points into the buffer's slots, -1 for none."""
+    features, buckets, ranks, acts, locs, windows = [], [], [], [], [], []
+    for bucket, buffer, index in parts:
+        slots = index.clamp(min=0)
+        ok = (index >= 0) & (buffer.loc.gather(1, slots) >= 0)
+        feature, rank = ok.nonzero(as_tuple=True)  # chosen entries are packed first, best first
+        slot = slots[feature, rank]
         features.append(feature.cpu())
-        ranks.append(slot.cpu())
-        acts.append(value[feature, slot].float().cpu())
-        locs.append(loc[feature, slot].cpu())
+        ranks.append(rank.cpu())
+        acts.append(buffer.value[feature, slot].float().cpu())
+        locs.append(buffer.loc[feature, slot].cpu())
+        windows.append(buffer.window[feature, slot].float().cpu())
         buckets.extend([bucket] * int(feature.numel()))
-    chosen = _Chosen(torch.cat(features), buckets, torch.cat(ranks), torch.cat(acts), torch.cat(locs))
-    return chosen
+    return _Chosen(
+        torch.cat(features), buckets, torch.cat(ranks), torch.cat(acts), torch.cat(locs), torch.cat(windows)
+    )
 
 
-# ---------------------------------------------------------------- second pass: example windows
+# ---------------------------------------------------------------- example table
 
 
-def _example_rows(
-    loaded, sae, hookpoint, corpus: _Corpus, chosen: _Chosen, cfg: StatsConfig, decoder
-) -> pd.DataFrame:
-    """EXAMPLE_SCHEMA rows, with each feature's activation on every token of the example's window."""
+def _example_rows(corpus: _Corpus, chosen: _Chosen, cfg: StatsConfig, decoder: TokenText) -> pd.DataFrame:
+    """EXAMPLE_SCHEMA rows: the window's tokens (cut to its sequence) and the feature's activations."""
     seq, pos = corpus.seq[chosen.loc], corpus.pos[chosen.loc]
     lengths = torch.tensor([int(s.numel()) for s in corpus.sequences], dtype=torch.long)
-    first = (pos - cfg.context_before).clamp(min=0)  # window [first, stop) inside its sequence
+    first = (pos - cfg.context_before).clamp(min=0)  # the window [first, stop) inside its sequence
     stop = torch.minimum(pos + cfg.context_after + 1, lengths[seq])
     window = first[:, None] + torch.arange(cfg.context_before + cfg.context_after + 1)[None, :]  # (n, W)
-    inside = window < stop[:, None]
-    window_acts = _window_activations(
-        loaded, sae, hookpoint, corpus, chosen.feature, seq, window, inside, cfg
-    )
-    flat_ids = torch.cat(corpus.sequences) if corpus.sequences else torch.zeros(0, dtype=torch.long)
+    flat_ids = torch.cat(corpus.sequences)
     seq_start = torch.cumsum(lengths, 0) - lengths
-    window_tokens = flat_ids[(seq_start[seq][:, None] + window).clamp(max=max(len(flat_ids) - 1, 0))]
+    window_tokens = flat_ids[(seq_start[seq][:, None] + window).clamp(max=len(flat_ids) - 1)]
     unique, inverse = torch.unique(window_tokens, return_inverse=True)
     texts = decoder.display(unique.tolist())
     table = np.array([texts[t] for t in unique.tolist()], dtype=object)
     token_rows = table[inverse.numpy()].tolist() if len(table) else [[] for _ in range(len(seq))]
+    skip = (first - (pos - cfg.context_before)).tolist()  # stored windows start context_before back
     widths = (stop - first).tolist()
-    acts_np = window_acts.numpy()
+    acts = chosen.window.numpy()
     return pd.DataFrame(
         {
             "feature": chosen.feature.numpy().astype(np.int32),
@@ -369,65 +402,9 @@ def _example_rows(
             "bucket": chosen.bucket,
             "act": chosen.act.numpy().astype(np.float32),
             "tokens": [row[:w] for row, w in zip(token_rows, widths, strict=True)],
-            "acts": [row[:w] for row, w in zip(acts_np, widths, strict=True)],
+            "acts": [row[k : k + w] for row, k, w in zip(acts, skip, widths, strict=True)],
         }
     )
-
-
-def _window_activations(loaded, sae, hookpoint, corpus, feature, seq, window, inside, cfg) -> torch.Tensor:
-    """(n, W) activation of each example's feature on its window's tokens, re-running only the
-    sequences that hold an example, each cut after its last needed token (the model is causal).
-    Position 0 is excluded from the statistics, so it shows 0."""
-    window_acts = torch.zeros(window.shape, dtype=torch.float32)
-    order = torch.argsort(seq, stable=True)
-    seq_sorted = seq[order]
-    needed, counts = torch.unique_consecutive(seq_sorted, return_counts=True)
-    ends = torch.cumsum(counts, 0)
-    group = torch.repeat_interleave(torch.arange(int(needed.numel())), counts)
-    needed_to = torch.where(inside, window, 0).amax(1)[order]  # last window position per example
-    last = torch.zeros(int(needed.numel()), dtype=torch.long).scatter_reduce_(0, group, needed_to, "amax")
-    cut = [corpus.sequences[int(s)][: int(stop) + 1].tolist() for s, stop in zip(needed, last, strict=True)]
-    bar = tqdm(total=int(needed.numel()), desc="Example contexts", unit="seq", disable=needed.numel() < 64)
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    for first, batch in batch_sequences(cut, cfg.batch_tokens):
-        input_ids, attention_mask = pad_batch(batch, pad_id)
-        hidden = cut_forward(
-            loaded.model, hookpoint, input_ids.to(loaded.device), attention_mask.to(loaded.device)
-        )  # (b, L, d_model)
-        lo = int(ends[first - 1]) if first else 0
-        rows = order[lo : int(ends[first + len(batch) - 1])]  # the examples in these sequences
-        mask = inside[rows]
-        batch_row = torch.searchsorted(needed, seq[rows]) - first
-        cell_row = batch_row[:, None].expand_as(mask)[mask]
-        cell_pos = window[rows][mask]
-        cell_feat = feature[rows][:, None].expand_as(mask)[mask]
-        values = _encode_cells(sae, hidden, cell_row, cell_pos, cell_feat, cfg.encode_chunk)
-        values[cell_pos == 0] = 0.0
-        block = torch.zeros(mask.shape)
-        block[mask] = values
-        window_acts[rows] = block
-        bar.update(len(batch))
-    bar.close()
-    return window_acts
-
-
-def _encode_cells(sae, hidden, cell_row, cell_pos, cell_feat, chunk: int) -> torch.Tensor:
-    """Activation of feature ``cell_feat[i]`` at token (``cell_row[i]``, ``cell_pos[i]``), encoding
-    each distinct token once, ``chunk`` tokens at a time."""
-    length = hidden.shape[1]
-    flat = cell_row * length + cell_pos
-    tokens, cell_token = torch.unique(flat, return_inverse=True)
-    values = torch.zeros(flat.shape, dtype=torch.float32)
-    device = sae.W_dec.device
-    vectors = hidden.reshape(-1, hidden.shape[-1])
-    for start in range(0, int(tokens.numel()), chunk):
-        stop = start + chunk
-        acts = sae.encode(vectors[tokens[start:stop].to(vectors.device)].to(device))  # (chunk, d_sae)
-        cells = ((cell_token >= start) & (cell_token < stop)).nonzero().flatten()
-        values[cells] = (
-            acts[(cell_token[cells] - start).to(device), cell_feat[cells].to(device)].float().cpu()
-        )
-    return values
 
 
 # ---------------------------------------------------------------- feature table
@@ -503,30 +480,45 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 
 def logit_lens(
-    model: nn.Module, directions: torch.Tensor, k: int, decoder: _TokenText
+    model: nn.Module, directions: torch.Tensor, k: int, text: TokenText
 ) -> tuple[list[list[str]], list[list[str]]]:
-    """Per direction, the ``k`` tokens its (final-normed) unembedding promotes most and least.
+    """Per direction (rows of ``directions``), the ``k`` tokens that its final-normed unembedding
+    promotes most and least, as cleaned strings (``text = TokenText(tokenizer)``).
 
-    Several ids can clean to the same string (" yes", "yes"): 3k candidates are ranked and deduplicated.
+    Several ids can clean to the same string (" yes", "yes"), so 3k candidates are ranked and
+    deduplicated. The unknown token, a padding token distinct from EOS and unembedding rows past the
+    tokenizer's vocabulary are never listed.
     """
     norm, head = final_norm(model), model.get_output_embeddings()
     param = next(head.parameters())
     vocab = int(param.shape[0])
     n_cand = min(3 * k, vocab)
     rows = max(1, _LOGIT_CHUNK_ELEMENTS // vocab)
+    excluded = _unlisted_ids(text.tokenizer, vocab)
     top_ids, bottom_ids = [], []
-    for start in tqdm(
-        range(0, directions.shape[0], rows),
-        desc="Logit lens",
-        unit="chunk",
-        disable=directions.shape[0] <= rows,
-    ):
+    chunks = range(0, directions.shape[0], rows)
+    for start in tqdm(chunks, desc="Logit lens", unit="chunk", disable=len(chunks) < 4):
         logits = head(norm(directions[start : start + rows].to(param.device, param.dtype))).float()
-        top_ids.append(logits.topk(n_cand, dim=1).indices.cpu())
-        bottom_ids.append(logits.topk(n_cand, dim=1, largest=False).indices.cpu())
+        logits[:, excluded] = math.nan  # (rows, vocab)
+        top_ids.append(torch.where(logits.isnan(), -math.inf, logits).topk(n_cand, dim=1).indices.cpu())
+        bottom_ids.append(
+            torch.where(logits.isnan(), math.inf, logits).topk(n_cand, dim=1, largest=False).indices.cpu()
+        )
     top, bottom = torch.cat(top_ids), torch.cat(bottom_ids)
-    clean = decoder.clean(torch.unique(torch.cat([top.flatten(), bottom.flatten()])).tolist())
+    clean = text.clean(torch.unique(torch.cat([top.flatten(), bottom.flatten()])).tolist())
+    for token_id in excluded:
+        clean[token_id] = ""
     return _dedupe_rows(top, clean, k), _dedupe_rows(bottom, clean, k)
+
+
+def _unlisted_ids(tokenizer, vocab: int) -> list[int]:
+    ids = set(range(len(tokenizer), vocab))  # unembedding rows padded past the tokenizer
+    if getattr(tokenizer, "unk_token_id", None) is not None:
+        ids.add(int(tokenizer.unk_token_id))
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is not None and pad not in (tokenizer.eos_token_id, getattr(tokenizer, "bos_token_id", None)):
+        ids.add(int(pad))
+    return sorted(i for i in ids if i < vocab)
 
 
 def _dedupe_rows(ids: torch.Tensor, clean: dict[int, str], k: int) -> list[list[str]]:
@@ -540,9 +532,9 @@ def _dedupe_rows(ids: torch.Tensor, clean: dict[int, str], k: int) -> list[list[
 # ---------------------------------------------------------------- token text
 
 
-class _TokenText:
+class TokenText:
     """Token id → text, decoded once per id: ``display`` keeps spaces (examples are shown as text);
-    ``clean`` strips tokenizer markers and whitespace and drops pure whitespace and broken bytes."""
+    ``clean`` strips tokenizer markers and whitespace, and gives "" for pure whitespace and broken bytes."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer

@@ -41,7 +41,11 @@ SLIDER_RANGE = 5.0
 """The strength slider spans ±this; the box next to it accepts up to the engine's limit."""
 MULTIPLIER_RANGE = (0.0, 3.0)
 N_SEARCH_RESULTS = 30
-"""Matches listed under the search box (all matches are highlighted on the map)."""
+"""Matches listed under the search box."""
+MAX_SEARCH_HIGHLIGHT = 5000
+"""Matches lit on the map (a one-letter query on 65k features would otherwise send them all)."""
+FEATURE_COLUMN_WIDTH, STEER_COLUMN_WIDTH = 370, 450
+"""Pixels; the map takes the rest of the window."""
 MAP_ROUTE = "bundle"
 """The bundle folder is served at /bundle/ (server.py); the map at /bundle/map.html."""
 
@@ -105,13 +109,17 @@ def parse_deep_link(
     return link
 
 
-def _deep_link_edit(raw: str, strength_raw: str | None, mode: str, bundle: Bundle, limits: SteeringLimits) -> Edit:
+def _deep_link_edit(
+    raw: str, strength_raw: str | None, mode: str, bundle: Bundle, limits: SteeringLimits
+) -> Edit:
     try:
         feature = int(raw.strip())
     except ValueError:
         raise ValueError(f"Link: feature={raw!r} is not a feature id (a whole number).") from None
     if not 0 <= feature < bundle.n_features:
-        raise ValueError(f"Link: feature {feature} does not exist; this bundle has features 0 to {bundle.n_features - 1}.")
+        raise ValueError(
+            f"Link: feature {feature} does not exist; this bundle has features 0 to {bundle.n_features - 1}."
+        )
     if bool(bundle.features.iloc[feature]["hidden"]):
         raise ValueError(f"Link: feature {feature} is hidden in this bundle and cannot be steered.")
     strength = DEFAULT_STRENGTH
@@ -119,7 +127,9 @@ def _deep_link_edit(raw: str, strength_raw: str | None, mode: str, bundle: Bundl
         try:
             strength = float(strength_raw)
         except ValueError:
-            raise ValueError(f"Link: strength={strength_raw!r} for feature {feature} is not a number.") from None
+            raise ValueError(
+                f"Link: strength={strength_raw!r} for feature {feature} is not a number."
+            ) from None
         if not math.isfinite(strength) or abs(strength) > limits.max_abs_strength:
             raise ValueError(
                 f"Link: strength {strength_raw} for feature {feature} is outside ±{limits.max_abs_strength:g} "
@@ -152,9 +162,11 @@ def _search_html(bundle: Bundle, query: str, matches: list[int]) -> str:
     if not matches:
         return f'<p class="muted">No label contains “{esc(query.strip())}”.</p>'
     shown = "".join(feature_link(bundle, f) for f in matches[:N_SEARCH_RESULTS])
-    more = f'<p class="muted">… and {len(matches) - N_SEARCH_RESULTS} more (all lit on the map)</p>' if len(
-        matches
-    ) > N_SEARCH_RESULTS else ""
+    more = (
+        f'<p class="muted">… and {len(matches) - N_SEARCH_RESULTS} more (lit on the map)</p>'
+        if len(matches) > N_SEARCH_RESULTS
+        else ""
+    )
     count = f'<p class="muted">{len(matches)} match{"es" if len(matches) != 1 else ""}</p>'
     return f'{count}<div class="search-results">{shown}</div>{more}'
 
@@ -168,12 +180,20 @@ class EditRow:
     def __init__(self, bundle: Bundle, edit: Edit, limits: SteeringLimits, on_remove, on_select):
         self.feature = edit.feature
         bound = limits.max_abs_strength
-        self.label = LinkedHTML(html=feature_link(bundle, edit.feature), sizing_mode="stretch_width", margin=(4, 5))
+        self.label = LinkedHTML(
+            html=feature_link(bundle, edit.feature), sizing_mode="stretch_width", margin=(4, 5)
+        )
         self.label.param.watch(lambda event: on_select(event.new), "clicked")
         self.strength = pn.widgets.EditableFloatSlider(
-            label="strength (× max act)", start=-SLIDER_RANGE, end=SLIDER_RANGE, step=0.05,
-            fixed_start=0.0 if edit.mode == "pin" else -bound, fixed_end=bound,
-            value=edit.strength, sizing_mode="stretch_width", min_width=180,
+            label="strength (× max act)",
+            start=-SLIDER_RANGE,
+            end=SLIDER_RANGE,
+            step=0.05,
+            fixed_start=0.0 if edit.mode == "pin" else -bound,
+            fixed_end=bound,
+            value=edit.strength,
+            sizing_mode="stretch_width",
+            min_width=180,
         )
         self.mode = pn.widgets.Select(label="mode", options=list(MODES), value=edit.mode, width=80)
         self.mode.param.watch(self._mode_changed, "value")
@@ -182,7 +202,9 @@ class EditRow:
         self.view = pn.Column(
             pn.Row(self.label, self.remove, sizing_mode="stretch_width", margin=0),
             pn.Row(self.strength, self.mode, sizing_mode="stretch_width", margin=0),
-            sizing_mode="stretch_width", css_classes=["edit-row"], styles={"border-bottom": "1px solid #eaeef2"},
+            sizing_mode="stretch_width",
+            css_classes=["edit-row"],
+            styles={"border-bottom": "1px solid #eaeef2"},
         )
 
     def _mode_changed(self, event: param.parameterized.Event) -> None:
@@ -208,20 +230,34 @@ class EditsPanel(param.Parameterized):
         self.list = pn.Column(sizing_mode="stretch_width", margin=0)
         self.empty = pn.pane.HTML(
             '<p class="muted">No edits: replies are unsteered. Select a feature and press “Add to edits”.</p>',
-            stylesheets=[CSS], margin=(0, 5),
+            stylesheets=[CSS],
+            margin=(0, 5),
         )
         self.multiplier = pn.widgets.EditableFloatSlider(
-            label="Global multiplier", start=MULTIPLIER_RANGE[0], end=MULTIPLIER_RANGE[1], step=0.05, value=1.0,
-            fixed_start=-limits.max_abs_strength, fixed_end=limits.max_abs_strength, sizing_mode="stretch_width",
+            label="Global multiplier",
+            start=MULTIPLIER_RANGE[0],
+            end=MULTIPLIER_RANGE[1],
+            step=0.05,
+            value=1.0,
+            fixed_start=-limits.max_abs_strength,
+            fixed_end=limits.max_abs_strength,
+            sizing_mode="stretch_width",
         )
-        self.reset_button = pn.widgets.Button(label="Reset", color="light", width=70,
-                                              description="Remove every edit and set the multiplier to 1")
+        self.reset_button = pn.widgets.Button(
+            label="Reset",
+            color="light",
+            width=70,
+            description="Remove every edit and set the multiplier to 1",
+        )
         self.reset_button.on_click(lambda event: self.reset())
 
     def view(self) -> pn.Column:
         return pn.Column(
-            self.empty, self.list, pn.Row(self.multiplier, self.reset_button, sizing_mode="stretch_width"),
-            sizing_mode="stretch_width", margin=0,
+            self.empty,
+            self.list,
+            pn.Row(self.multiplier, self.reset_button, sizing_mode="stretch_width"),
+            sizing_mode="stretch_width",
+            margin=0,
         )
 
     def has(self, feature: int) -> bool:
@@ -277,7 +313,10 @@ class ExplorerSession:
         self.search_results = LinkedHTML(html="", sizing_mode="stretch_width")
         self.edits = EditsPanel(self.bundle, self.engine.limits)
         self.chat = ChatPanel(
-            self.engine, self.bundle, self.edits.current, shared.reply_features,
+            self.engine,
+            self.bundle,
+            self.edits.current,
+            shared.reply_features,
             on_reply_features=lambda features: self.map.highlight("reply", features),
         )
         self._wire()
@@ -320,7 +359,7 @@ class ExplorerSession:
     def run_search(self, query: str) -> list[int]:
         matches = search_labels(self.bundle, query or "")
         self.search_results.html = _search_html(self.bundle, query or "", matches)
-        self.map.highlight("search", matches)
+        self.map.highlight("search", matches[:MAX_SEARCH_HIGHLIGHT])
         return matches
 
     def apply_deep_link(self, args: Mapping[str, Sequence[str | bytes]]) -> DeepLink:
@@ -365,34 +404,65 @@ class ExplorerSession:
 
     def view(self) -> pn.Row:
         manifest = self.bundle.manifest
-        model = (manifest.get("model") or {}).get("name") or (manifest.get("model") or {}).get("spec") or "model"
+        model = (
+            (manifest.get("model") or {}).get("name") or (manifest.get("model") or {}).get("spec") or "model"
+        )
         header = pn.pane.HTML(
             f'<div class="app-head"><b>{html.escape(self.shared.title)}</b><br><span class="muted">'
             f"{html.escape(str(model))} · {html.escape(str(manifest.get('hookpoint', '')))} · "
             f"{self.bundle.n_features:,} features</span></div>",
-            stylesheets=[CSS], sizing_mode="stretch_width", margin=(5, 5, 0, 5),
+            stylesheets=[CSS],
+            sizing_mode="stretch_width",
+            margin=(5, 5, 0, 5),
         )
         feature_column = pn.Column(
-            header, self.search, self.search_results, self.notice,
+            header,
+            self.search,
+            self.search_results,
+            self.notice,
             pn.Row(self.add_button, self.add_hint, sizing_mode="stretch_width"),
             self.card,
-            width=400, sizing_mode="stretch_height", scroll=True, css_classes=["feature-column"],
+            width=FEATURE_COLUMN_WIDTH,
+            sizing_mode="stretch_height",
+            scroll=True,
+            css_classes=["feature-column"],
             styles={"border-left": "1px solid #d0d7de"},
         )
+        units = pn.pane.HTML(
+            '<span class="muted">Strength is in multiples of the feature\'s max activation (1 = as strong as '
+            "it ever fires). <b>nudge</b> adds the feature's direction; <b>pin</b> clamps its activation.</span>",
+            stylesheets=[CSS],
+            sizing_mode="stretch_width",
+            margin=(2, 5),
+        )
         steer_column = pn.Column(
-            _section("Edits"), self.edits.view(), _section("Chat: default | steered"), self.chat.view(),
-            width=480, sizing_mode="stretch_height", css_classes=["steer-column"],
+            _section("Edits"),
+            units,
+            self.edits.view(),
+            _section("Chat: default | steered"),
+            self.chat.view(),
+            width=STEER_COLUMN_WIDTH,
+            sizing_mode="stretch_height",
+            css_classes=["steer-column"],
             styles={"border-left": "1px solid #d0d7de"},
         )
         return pn.Row(
-            self.map, feature_column, steer_column, sizing_mode="stretch_both", margin=0,
+            self.map,
+            feature_column,
+            steer_column,
+            sizing_mode="stretch_both",
+            margin=0,
             styles={"height": "100vh"},
         )
 
 
 def _section(title: str) -> pn.pane.HTML:
-    return pn.pane.HTML(f'<div class="section">{html.escape(title)}</div>', stylesheets=[CSS],
-                        sizing_mode="stretch_width", margin=(8, 5, 0, 5))
+    return pn.pane.HTML(
+        f'<div class="section">{html.escape(title)}</div>',
+        stylesheets=[CSS],
+        sizing_mode="stretch_width",
+        margin=(8, 5, 0, 5),
+    )
 
 
 def create_app(shared: SharedState) -> pn.viewable.Viewable:

@@ -96,7 +96,11 @@ def _examples_html(examples: pd.DataFrame, max_act: float) -> str:
     parts = []
     for bucket, rows in examples.groupby("bucket", sort=False):
         limit = N_TOP_EXAMPLES if bucket == "top" else N_QUANTILE_EXAMPLES
-        title = "Top activations" if bucket == "top" else f"Around the {esc(str(bucket).lstrip('q'))}th percentile"
+        title = (
+            "Top activations"
+            if bucket == "top"
+            else f"Around the {esc(str(bucket).lstrip('q'))}th percentile"
+        )
         body = "".join(
             f'<div class="example-row"><span class="act">{float(r.act):.3g}</span>'
             f"{render_example(_as_list(r.tokens), _as_list(r.acts), max_act)}</div>"
@@ -115,7 +119,8 @@ def _cluster_path(bundle: Bundle, row: pd.Series) -> str:
 
 def _neighbours_html(bundle: Bundle, row: pd.Series) -> str:
     visible = [
-        int(n) for n in _as_list(row["neighbors"])
+        int(n)
+        for n in _as_list(row["neighbors"])
         if 0 <= int(n) < bundle.n_features and not bool(bundle.features.iloc[int(n)]["hidden"])
     ][:N_NEIGHBOURS]
     if not visible:
@@ -135,12 +140,16 @@ def render_card(bundle: Bundle, feature: int) -> str:
             "its details are not shown, and it cannot be steered.</div></div>"
         )
     label = str(row["label"] or "").strip() or "(no label)"
-    dead = '<div class="notice warn">Dead feature: it never fired on the corpus.</div>' if bool(row["dead"]) else ""
+    dead = (
+        '<div class="notice warn">Dead feature: it never fired on the corpus.</div>'
+        if bool(row["dead"])
+        else ""
+    )
     max_act = float(row["max_act"])
     stats = (
         f'<div class="stats"><span>density <b>{float(row["density"]) * 100:.3g}%</b></span>'
         f"<span>max act <b>{max_act:.3g}</b></span>"
-        f'<span>mean act <b>{float(row["mean_act"]):.3g}</b></span>'
+        f"<span>mean act <b>{float(row['mean_act']):.3g}</b></span>"
         f'<span class="muted">label: {esc(row["label_source"])}</span></div>'
     )
     lens = (
@@ -150,7 +159,7 @@ def render_card(bundle: Bundle, feature: int) -> str:
     )
     return (
         f'<div class="card"><h3><span class="fid">#{int(feature)}</span> {esc(label)}</h3>'
-        f"{_cluster_path(bundle, row)}{dead}{stats}<div class=\"lens\">{lens}</div>"
+        f'{_cluster_path(bundle, row)}{dead}{stats}<div class="lens">{lens}</div>'
         f"{_examples_html(bundle.examples_for(int(feature)), max_act)}"
         f"{_neighbours_html(bundle, row)}</div>"
     )

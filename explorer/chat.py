@@ -86,7 +86,9 @@ class ReplyFeatures:
         reply_ids = self._tokenize(reply)
         if not reply_ids:
             return []
-        ids = torch.tensor([prompt_ids + reply_ids], device=self.engine.model.get_input_embeddings().weight.device)
+        ids = torch.tensor(
+            [prompt_ids + reply_ids], device=self.engine.model.get_input_embeddings().weight.device
+        )
         seen: list = []
         token = self._capture.set(seen)
         try:
@@ -143,20 +145,25 @@ class ReplyColumn:
     chips: LinkedHTML = field(init=False)
     text: str = ""
     status: str = "queued"  # queued | streaming | finished | cancelled | error
-    first_token_at: float | None = None
+    first_token_at: float | None = None  # perf_counter() of the first and last text received
+    last_token_at: float | None = None
     features: list[tuple[int, float]] | None = None  # most active features, once scored
 
     def __post_init__(self) -> None:
         css_class = "reply steered" if self.name == "steered" else "reply"
         self.role = css_class
         self.pane = pn.pane.HTML(
-            _message_html(css_class, "", streaming=True), stylesheets=[CSS], sizing_mode="stretch_width",
+            _message_html(css_class, "", streaming=True),
+            stylesheets=[CSS],
+            sizing_mode="stretch_width",
             css_classes=[f"reply-{self.name}"],
         )
         self.chips = LinkedHTML(html="", sizing_mode="stretch_width")
 
     def view(self) -> pn.Column:
-        head = pn.pane.HTML(f'<div class="reply-head">{html.escape(self.title)}</div>', stylesheets=[CSS], margin=0)
+        head = pn.pane.HTML(
+            f'<div class="reply-head">{html.escape(self.title)}</div>', stylesheets=[CSS], margin=0
+        )
         return pn.Column(head, self.pane, self.chips, sizing_mode="stretch_width", margin=(0, 4))
 
 
@@ -195,33 +202,58 @@ class ChatPanel(param.Parameterized):
     def _build_widgets(self) -> None:
         limits = self.engine.limits
         self.temperature = pn.widgets.FloatSlider(
-            label="Temperature", start=0.0, end=min(2.0, limits.max_temperature), step=0.05,
-            value=DEFAULT_TEMPERATURE, width=140,
+            label="Temperature",
+            start=0.0,
+            end=min(2.0, limits.max_temperature),
+            step=0.05,
+            value=DEFAULT_TEMPERATURE,
+            width=140,
         )
         self.max_new_tokens = pn.widgets.IntInput(
-            label="Max new tokens", start=1, end=limits.max_new_tokens, value=DEFAULT_MAX_NEW_TOKENS, width=110
+            label="Max new tokens",
+            start=1,
+            end=limits.max_new_tokens,
+            value=DEFAULT_MAX_NEW_TOKENS,
+            width=110,
         )
         self.seed = pn.widgets.IntInput(label="Seed", start=0, value=DEFAULT_SEED, width=90)
         # Enter sends (Shift+Enter: new line); the typed text is in value_input until then.
         self.input = pn.chat.ChatAreaInput(
-            placeholder="Message the model…  (Enter sends, Shift+Enter: new line)", sizing_mode="stretch_width",
+            placeholder="Message the model…  (Enter sends, Shift+Enter: new line)",
+            sizing_mode="stretch_width",
             css_classes=["chat-input"],
         )
         self.input.param.watch(lambda event: self.send(event.new) if event.new else None, "value")
         self.send_button = pn.widgets.Button(label="Send", color="primary", width=80)
         self.stop_button = pn.widgets.Button(label="Stop", color="warning", width=70, disabled=True)
         self.clear_button = pn.widgets.Button(label="Clear chat", color="light", width=90)
-        self.history = pn.Column(sizing_mode="stretch_both", scroll=True, css_classes=["chat-history"])
+        self.history = pn.Column(
+            sizing_mode="stretch_both",
+            scroll=True,
+            auto_scroll_limit=400,
+            view_latest=True,
+            css_classes=["chat-history"],
+        )
         self.send_button.on_click(lambda event: self.send())
         self.stop_button.on_click(lambda event: self.stop())
         self.clear_button.on_click(lambda event: self.clear())
 
     def view(self) -> pn.Column:
         controls = pn.Row(self.temperature, self.max_new_tokens, self.seed, sizing_mode="stretch_width")
-        buttons = pn.Row(self.send_button, self.stop_button, pn.layout.HSpacer(), self.clear_button,
-                         sizing_mode="stretch_width")
+        buttons = pn.Row(
+            self.send_button,
+            self.stop_button,
+            pn.layout.HSpacer(),
+            self.clear_button,
+            sizing_mode="stretch_width",
+        )
         return pn.Column(
-            self.history, self.input, buttons, controls, sizing_mode="stretch_both", min_height=320,
+            self.history,
+            self.input,
+            buttons,
+            controls,
+            sizing_mode="stretch_both",
+            min_height=320,
         )
 
     # ------------------------------------------------------------ sending
@@ -252,7 +284,8 @@ class ChatPanel(param.Parameterized):
         turn = pn.Column(
             pn.pane.HTML(_message_html("user", text), stylesheets=[CSS], sizing_mode="stretch_width"),
             pn.Row(*(c.view() for c in columns), sizing_mode="stretch_width"),
-            sizing_mode="stretch_width", css_classes=["chat-turn"],
+            sizing_mode="stretch_width",
+            css_classes=["chat-turn"],
         )
         for column in columns:
             column.chips.param.watch(lambda event: set_or_trigger(self, "clicked", event.new), "clicked")
@@ -260,9 +293,21 @@ class ChatPanel(param.Parameterized):
         self.input.value_input = ""
         try:
             jobs = self._submit(columns, edits, multiplier)
-        except SteeringError as exc:
-            turn.append(pn.pane.HTML(_notice_html("error", f"Request refused: {exc}"), stylesheets=[CSS],
-                                     sizing_mode="stretch_width"))
+        except Exception as exc:  # refused (SteeringError) or broken: shown in the chat either way
+            if not isinstance(exc, SteeringError):
+                logger.exception("Could not submit a chat request")
+            reason = (
+                "Request refused"
+                if isinstance(exc, SteeringError)
+                else f"Request failed ({type(exc).__name__})"
+            )
+            turn.append(
+                pn.pane.HTML(
+                    _notice_html("error", f"{reason}: {exc}"),
+                    stylesheets=[CSS],
+                    sizing_mode="stretch_width",
+                )
+            )
             for column in columns:
                 column.status = "error"
                 column.pane.object = _message_html(column.role, "")
@@ -283,11 +328,16 @@ class ChatPanel(param.Parameterized):
         for column, column_edits in ((default, []), (steered, edits)):
             self.engine.validate(column_edits, self.engine.prompt_ids(column.messages), sampling, multiplier)
         if default.messages == steered.messages:  # one batch, same noise, one request
-            stream = self.engine.submit(SteeringRequest(steered.messages, tuple(edits), sampling, multiplier, pair=True))
+            stream = self.engine.submit(
+                SteeringRequest(steered.messages, tuple(edits), sampling, multiplier, pair=True)
+            )
             return [(stream, {0: default, 1: steered})]
         return [
             (self.engine.submit(SteeringRequest(default.messages, (), sampling)), {0: default}),
-            (self.engine.submit(SteeringRequest(steered.messages, tuple(edits), sampling, multiplier)), {0: steered}),
+            (
+                self.engine.submit(SteeringRequest(steered.messages, tuple(edits), sampling, multiplier)),
+                {0: steered},
+            ),
         ]
 
     def _start(self, jobs, columns: list[ReplyColumn], turn: pn.Column) -> None:
@@ -306,7 +356,9 @@ class ChatPanel(param.Parameterized):
                 self._ui(self._turn_done, columns, turn)
 
         self._workers = [
-            threading.Thread(target=self._consume, args=(stream, rows, finished), daemon=True, name="chat-stream")
+            threading.Thread(
+                target=self._consume, args=(stream, rows, finished), daemon=True, name="chat-stream"
+            )
             for stream, rows in jobs
         ]
         for worker in self._workers:
@@ -318,8 +370,9 @@ class ChatPanel(param.Parameterized):
                 column.status = "streaming"
             for row, piece in stream.events():
                 column = rows[row]
+                column.last_token_at = time.perf_counter()
                 if column.first_token_at is None:
-                    column.first_token_at = time.perf_counter()
+                    column.first_token_at = column.last_token_at
                 column.text += piece
                 self._ui(self._show, column, True)
             for column in rows.values():

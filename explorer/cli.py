@@ -31,14 +31,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="explore",
         description="Serve a feature map bundle next to a steering chat (Panel).",
     )
-    parser.add_argument("bundle", help="bundle folder written by `build-map` (holds manifest.json, map.html, ...)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument(
+        "bundle", help="bundle folder written by `build-map` (holds manifest.json, map.html, ...)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
     parser.add_argument("--port", type=int, default=5006, help="port (default 5006; 0 picks a free one)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
-    parser.add_argument("--model", default=None,
-                        help="model to load instead of the one in the manifest (HF id, folder or .gguf)")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16"
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model to load instead of the one in the manifest (HF id, folder or .gguf)",
+    )
     parser.add_argument("--sae", default=None, help="SAE to load instead of the one in the manifest")
     parser.add_argument("--no-show", action="store_true", help="do not open a browser tab")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -81,7 +89,9 @@ def check_sae_hash(bundle: Bundle, path: Path, explicit: bool) -> None:
     actual = file_sha256(path)
     if actual == expected:
         return
-    message = f"{path} (sha256 {actual[:12]}…) is not the SAE this bundle was built from (sha256 {expected[:12]}…)"
+    message = (
+        f"{path} (sha256 {actual[:12]}…) is not the SAE this bundle was built from (sha256 {expected[:12]}…)"
+    )
     if explicit:
         logger.warning("%s; using it as you asked, but the map and cards describe the other SAE.", message)
         return
@@ -112,7 +122,10 @@ def load_shared(args: argparse.Namespace):
         )
     features = bundle.features
     engine = SteeringEngine(
-        loaded.model, loaded.tokenizer, sae, hookpoint,
+        loaded.model,
+        loaded.tokenizer,
+        sae,
+        hookpoint,
         feature_scale=features["max_act"].to_numpy(dtype="float32"),
         hidden=features["hidden"].to_numpy(dtype=bool),
     )
@@ -123,7 +136,9 @@ def load_shared(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     from build_map.models import HookpointError, ModelLoadError
     from build_map.sae import SAEError
     from explorer.server import make_server, run, url_for
@@ -137,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = make_server(shared, host=args.host, port=args.port, show=not args.no_show)
     except OSError as exc:
-        print(f"explore: error: cannot listen on {args.host}:{args.port} ({exc}); pass another --port.",
-              file=sys.stderr)
+        print(
+            f"explore: error: cannot listen on {args.host}:{args.port} ({exc}); pass another --port.",
+            file=sys.stderr,
+        )
         return 2
     print(f"Explorer ready at {url_for(args.host, server.port)}  (Ctrl+C to stop)", flush=True)
     try:

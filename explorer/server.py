@@ -10,6 +10,7 @@ come from this server. The map (map.html) is self-contained (see build_map/offli
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 
@@ -75,7 +76,5 @@ def make_server(
 def run(server) -> None:
     """Run a server from ``make_server`` until Ctrl+C."""
     server.start()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.io_loop.start()
-    except KeyboardInterrupt:
-        pass

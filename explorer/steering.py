@@ -275,7 +275,15 @@ def effective_scales(max_act: Any, d_sae: int) -> tuple[torch.Tensor, float]:
 class RowSampler:
     """Logits processor that samples each row with its own seeded generator (Gumbel-max over the
     temperature/top-p filtered logits) and leaves only the chosen token, so generate's greedy
-    argmax picks it. Greedy rows are left untouched; min_new_tokens masks end of turn."""
+    argmax picks it. Greedy rows are left untouched; min_new_tokens masks end of turn.
+
+    Each sampled row draws one uniform per vocabulary entry per step, whatever its nucleus, so
+    rows with the same seed see the same noise on the same token at every step."""
+
+    top_p_candidates = 64
+    """Nucleus searched among this many top tokens first (a full sort of a 49k vocabulary costs
+    as much as a decoding step on a laptop CPU); rows whose candidates hold less mass than top_p
+    fall back to the full sort, so the result is the same."""
 
     def __init__(self, configs: Sequence[SamplingConfig], seeds: Sequence[int], prompt_length: int, eos_ids):
         self.configs = list(configs)
@@ -297,30 +305,34 @@ class RowSampler:
             self.generators = [
                 torch.Generator(device=scores.device).manual_seed(self.seeds[r]) for r in self.sampled
             ]
-        rows = torch.tensor(self.sampled, device=scores.device)
-        temperature = torch.tensor([self.configs[r].temperature for r in self.sampled], device=scores.device)
-        logits = scores[rows] / temperature[:, None]
-        logits = self._top_p(logits, [self.configs[r].top_p for r in self.sampled])
-        noise = torch.stack(
-            [torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators]
-        )
-        gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
-        choice = (logits + gumbel).argmax(-1)
-        picked = torch.full_like(logits, -math.inf)
-        picked[torch.arange(len(self.sampled), device=scores.device), choice] = 0.0
-        scores[rows] = picked
+        for r, generator in zip(self.sampled, self.generators, strict=True):
+            noise = torch.rand(scores.shape[1], generator=generator, device=scores.device)
+            token = self._sample(scores[r] / self.configs[r].temperature, self.configs[r].top_p, noise)
+            scores[r] = -math.inf
+            scores[r, token] = 0.0
         return scores
 
-    @staticmethod
-    def _top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
-        if all(p >= 1.0 for p in top_p):
-            return logits
-        ordered, order = logits.sort(dim=-1, descending=True)
-        probs = ordered.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs
-        limit = torch.tensor(top_p, device=logits.device)[:, None]
-        ordered = ordered.masked_fill(mass_before >= limit, -math.inf)
-        return torch.full_like(logits, -math.inf).scatter(-1, order, ordered)
+    def _sample(self, logits: torch.Tensor, top_p: float, noise: torch.Tensor) -> torch.Tensor:
+        """One token id from (vocab,) logits: Gumbel-max restricted to the top-p nucleus."""
+        if top_p < 1.0:
+            logits, ids = self._nucleus(logits, top_p)
+            noise = noise[ids]
+        else:
+            ids = None
+        gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
+        choice = (logits + gumbel).argmax()
+        return choice if ids is None else ids[choice]
+
+    def _nucleus(self, logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and ids of the smallest set of most likely tokens whose probability reaches top_p."""
+        log_total = logits.logsumexp(-1)
+        top, ids = logits.topk(min(self.top_p_candidates, logits.shape[-1]))
+        probs = (top - log_total).exp()
+        if float(probs.sum()) < top_p:
+            top, ids = logits.sort(descending=True)
+            probs = (top - log_total).exp()
+        keep = (probs.cumsum(-1) - probs) < top_p  # the token that crosses top_p is kept
+        return top[keep], ids[keep]
 
 
 class _RowState:
@@ -581,6 +593,7 @@ class SteeringEngine:
         self._slots = threading.Semaphore(self.batching.max_concurrent_batches)
         self._closed = False
         self._scheduler: threading.Thread | None = None
+        self._running: dict[threading.Thread, list[_Job]] = {}  # batches in flight, joined by close()
 
     # ------------------------------------------------------------ public API
 
@@ -685,11 +698,24 @@ class SteeringEngine:
         with self._tokenizer_lock:
             return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def close(self) -> None:
-        """Remove the hook and stop the scheduler once queued requests are served."""
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Refuse new requests, serve the queued ones, wait for running batches, then remove the
+        hook (removing it earlier would un-steer a batch mid-reply). Requests still running after
+        ``timeout`` seconds are cancelled first."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in [self._scheduler, *list(self._running)]:
+            if thread is not None:
+                thread.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        running = dict(self._running)
+        if running:
+            logger.warning("closing the steering engine: cancelling %d running batches", len(running))
+            for thread, jobs in running.items():
+                for job in jobs:
+                    job.handle.cancel()
+                thread.join(10.0)  # a cancelled batch stops within one decoding step
         self._hook.remove()
 
     # ------------------------------------------------------------ validation
@@ -856,6 +882,7 @@ class SteeringEngine:
                 self._slots.release()
                 return
             worker = threading.Thread(target=self._serve, args=(batch,), name="steering-batch", daemon=True)
+            self._running[worker] = batch
             worker.start()
             for job in batch:
                 job.handle._worker = worker
@@ -895,6 +922,7 @@ class SteeringEngine:
                 if not job.handle.done:
                     job.handle._fail(exc)
         finally:
+            self._running.pop(threading.current_thread(), None)
             self._slots.release()
 
     def _run_batch(self, jobs: list[_Job]) -> None:

@@ -9,9 +9,14 @@
 - ``tiny_loaded`` (session): the two wrapped as ``build_map.models.LoadedModel`` (CPU, float32).
 - ``embedded`` (session): the real embedded default (SmolLM2-135M-Instruct), for ``@pytest.mark.slow``
   tests only.
+
+Every test not marked ``slow`` runs with one torch thread (autouse ``_single_thread``): tiny ops gain
+nothing from more, and OpenMP's spin-waiting makes them 10-100× slower when other jobs share the CPUs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -71,6 +76,17 @@ def make_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **config:
     settings.update(config)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

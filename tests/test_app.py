@@ -10,7 +10,7 @@ import pytest
 from tiny_bundle import DEAD_FEATURE, HIDDEN_FEATURE, HTML_FEATURE, make_tiny_bundle
 
 from build_map.bundle import load_bundle
-from explorer.app import DEFAULT_STRENGTH, ExplorerSession, parse_deep_link, search_labels
+from explorer.app import DEFAULT_STRENGTH, ExplorerSession, parse_deep_link
 from explorer.card import render_card, render_example
 from explorer.cli import ExploreError, load_shared, main
 from explorer.server import websocket_origins
@@ -60,7 +60,12 @@ def test_map_click_updates_card_and_add_updates_edits(session):
     assert session.add_button.disabled  # already in the edits
     assert not session.add_selected()
     # messages that are not clicks, or carry no integer id, change nothing
-    for msg in ({"type": "other", "feature": 4}, {"type": "feature-click", "feature": "4"}, {"feature": 4}, None):
+    for msg in (
+        {"type": "other", "feature": 4},
+        {"type": "feature-click", "feature": "4"},
+        {"feature": 4},
+        None,
+    ):
         session.map._handle_msg(msg)
     assert session.selected == 3
 
@@ -119,15 +124,23 @@ def test_search_is_case_insensitive_and_highlights(session):
 def test_deep_link_parsing(shared):
     bundle = shared.bundle
     link = parse_deep_link(
-        {"feature": [b"3", b"4", b"12", b"3"], "strength": [b"0.5", b"-2"], "mode": ["nudge", "nudge", "pin"]},
+        {
+            "feature": [b"3", b"4", b"12", b"3"],
+            "strength": [b"0.5", b"-2"],
+            "mode": ["nudge", "nudge", "pin"],
+        },
         bundle,
     )
     assert link.edits == [Edit(3, 0.5, "nudge"), Edit(4, -2.0, "nudge"), Edit(12, DEFAULT_STRENGTH, "pin")]
     assert len(link.errors) == 1 and "twice" in link.errors[0]
     bad = parse_deep_link(
-        {"feature": ["x", "999", str(HIDDEN_FEATURE), "1", "2", "6"], "strength": ["1", "1", "1", "nan", "99", "-1"],
-         "mode": ["nudge", "nudge", "nudge", "nudge", "nudge", "pin"]},
-        bundle, SteeringLimits(max_abs_strength=20),
+        {
+            "feature": ["x", "999", str(HIDDEN_FEATURE), "1", "2", "6"],
+            "strength": ["1", "1", "1", "nan", "99", "-1"],
+            "mode": ["nudge", "nudge", "nudge", "nudge", "nudge", "pin"],
+        },
+        bundle,
+        SteeringLimits(max_abs_strength=20),
     )
     assert bad.edits == []
     text = " ".join(bad.errors)
@@ -260,7 +273,9 @@ def test_cli_errors_are_clear(tmp_path, bundle_dir, capsys):
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     args = argparse.Namespace(bundle=str(bundle_dir), model=None, sae=None, device="cpu", dtype="auto")
     try:
-        (bundle_dir / "manifest.json").write_text(json.dumps({**manifest, "sae": {**manifest["sae"], "sha256": "0" * 64}}))
+        (bundle_dir / "manifest.json").write_text(
+            json.dumps({**manifest, "sae": {**manifest["sae"], "sha256": "0" * 64}})
+        )
         with pytest.raises(ExploreError, match="not the SAE this bundle was built from"):
             load_shared(args)
         (bundle_dir / "manifest.json").write_text(json.dumps({**manifest, "sae": {"path": "nowhere"}}))

@@ -65,8 +65,20 @@ def server(tmp_path_factory):
     port = free_port()
     log = (tmp_path_factory.getbasetemp() / "explore.log").open("w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "explorer.cli", str(bundle), "--port", str(port), "--no-show", "--device", "cpu"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
+        [
+            sys.executable,
+            "-m",
+            "explorer.cli",
+            str(bundle),
+            "--port",
+            str(port),
+            "--no-show",
+            "--device",
+            "cpu",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).resolve().parents[1],
     )
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -127,12 +139,15 @@ def _send_and_time_first_steered_token(page, text: str, turn: int) -> float:
     handle = page.wait_for_function(
         "(turn) => { const s = window.__deepAll('.msg.reply.steered')[turn - 1];"
         " return s && s.textContent.trim().length > 0 ? window.__now() : null; }",
-        arg=turn, polling="raf", timeout=120_000,
+        arg=turn,
+        polling="raf",
+        timeout=120_000,
     )
     token_ms = handle.json_value() - page.evaluate("() => window.__clicks.at(-1)")
     page.wait_for_function(
         "(n) => window.__deepAll('.msg.reply').filter((el) => el.textContent.trim()).length === n",
-        arg=2 * turn, timeout=120_000,
+        arg=2 * turn,
+        timeout=120_000,
     )
     page.wait_for_function("(n) => window.__deepAll('.chips').length === n", arg=2 * turn, timeout=120_000)
     return token_ms
@@ -151,7 +166,9 @@ def test_click_add_chat_offline(server):
         handle = page.wait_for_function(
             "(fid) => { const h = window.__deepAll('.card .fid')[0];"
             " return h && h.textContent === fid ? window.__now() : null; }",
-            arg=fid, polling="raf", timeout=30_000,
+            arg=fid,
+            polling="raf",
+            timeout=30_000,
         )
         card_ms = handle.json_value() - frame.evaluate("() => window.__clicks.at(-1)")
 
@@ -171,12 +188,15 @@ def test_click_add_chat_offline(server):
         chip.click()
         page.wait_for_function(
             "(fid) => { const h = window.__deepAll('.card .fid')[0]; return h && h.textContent === fid; }",
-            arg=f"#{chip_feature}", timeout=30_000,
+            arg=f"#{chip_feature}",
+            timeout=30_000,
         )
 
         warm_ms = _send_and_time_first_steered_token(page, "and then?", turn=2)
-        print(f"\nmap click -> card on screen: {card_ms:.0f} ms; Send -> first steered token on screen: "
-              f"{token_ms:.0f} ms (first generation of the server), {warm_ms:.0f} ms (second turn); tiny model, CPU")
+        print(
+            f"\nmap click -> card on screen: {card_ms:.0f} ms; Send -> first steered token on screen: "
+            f"{token_ms:.0f} ms (first generation of the server), {warm_ms:.0f} ms (second turn); tiny model, CPU"
+        )
         assert browser.blocked == [], f"outside requests attempted: {browser.blocked}"
         errors = [line for line in browser.console if line.startswith("pageerror")]
         assert errors == [], errors

@@ -8,6 +8,7 @@ headless Chromium, from file://) that `#feature=N` and clicks open the right car
 from __future__ import annotations
 
 import argparse
+import gzip
 import re
 
 import numpy as np
@@ -209,6 +210,29 @@ def test_cli_wiring(bundle, tmp_path, capsys, monkeypatch):
     assert "feature cards" in capsys.readouterr().out
 
 
+def test_sparse_bundle_exports(tmp_path, monkeypatch):
+    """No examples at all, missing labels and cluster names, empty lists: still one card each."""
+    monkeypatch.setattr("build_map.export._render_map", lambda *args: "<html><body></body></html>")
+    features, examples, clusters = tiny_tables(5)
+    features["label"] = [None, "b", None, "d", "e"]
+    features["cluster_1"] = [None, "x", "x", None, "y"]
+    features["top_tokens"] = [[]] * 5
+    features["neighbors"] = [[]] * 5
+    features["hidden"] = [False, True, False, False, False]
+    empty = examples.iloc[:0]
+    render = lambda folder: (folder / "map.html").write_text("<html></html>")  # noqa: E731
+    path = write_bundle(
+        tmp_path / "b", manifest={}, features=features, examples=empty, clusters=clusters, render_map=render
+    )
+    summary = export_bundle(path, tmp_path / "sparse.html")
+    decoded = cards(*read_card_data(summary.out.read_text(encoding="utf-8")))
+    assert [c["feature"] for c in decoded] == [0, 2, 3, 4]
+    assert [c["label"] for c in decoded] == ["", "", "d", "e"]
+    assert [c["clusters"][1] for c in decoded] == ["", "x", "", "y"]
+    assert all(c["examples"] == [] and c["top_tokens"] == [] and c["neighbors"] == [] for c in decoded)
+    assert decoded[2]["top_logits"] == ["up3", "<i>"]
+
+
 # ------------------------------------------------------------------ codecs
 
 
@@ -317,3 +341,20 @@ def test_click_on_point_opens_card_and_sets_hash(exported):
         page.wait_for_function("location.hash === '#feature=14'")
         assert _card_label(page) == "python feature 14"
         assert browser.blocked == []
+
+
+@pytest.mark.browser
+def test_browser_decodes_text_with_line_breaks(exported):
+    """The page's decoder skips characters a mail program may add (it is the same code as the worker's)."""
+    summary, _ = exported
+    data = gzip.compress(bytes(range(256)) * 40)
+    text = encode_text(data)
+    wrapped = "\r\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+    with offline_browser() as browser:
+        page, _ = _open(browser, summary.out)
+        for sample in (text, wrapped):
+            decoded = page.evaluate(
+                "async ([text, n]) => Array.from(new Uint8Array(await window.saeCards.decoder()(text, n)))",
+                [sample, len(data)],
+            )
+            assert bytes(decoded) == bytes(range(256)) * 40

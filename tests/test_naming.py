@@ -58,8 +58,11 @@ def test_empty_and_missing_labels_do_not_crash():
 
 
 def test_name_levels_children_say_something_new():
-    labels = (["Python code", "Python loops"] * 5 + ["Python strings", "Python string methods"] * 5
-              + ["French cities"] * 10)
+    labels = (
+        ["Python code", "Python loops"] * 5
+        + ["Python strings", "Python string methods"] * 5
+        + ["French cities"] * 10
+    )
     coarse = np.array([0] * 20 + [1] * 10)
     fine = np.array([0] * 10 + [1] * 10 + [2] * 10)
     parents = [{0: -1, 1: -1}, {0: 0, 1: 0, 2: 1}]

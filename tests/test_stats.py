@@ -9,8 +9,8 @@ import torch
 
 from build_map.bundle import EXAMPLE_SCHEMA, FEATURE_SCHEMA
 from build_map.labels import DEAD_LABEL, auto_labels
-from build_map.sae import SAEConfig, SparseAutoencoder
-from build_map.stats import StatsConfig, clean_token, compute_feature_stats, final_norm
+from build_map.sae import SAEConfig, SAEError, SparseAutoencoder
+from build_map.stats import StatsConfig, StatsError, clean_token, compute_feature_stats, final_norm
 
 HOOKPOINT = "model.layers.0"
 D_SAE = 40
@@ -80,9 +80,7 @@ def _brute_force(sae, sequences, hidden, n_tokens):
 @pytest.fixture(scope="module")
 def topk_run(loaded, sequences):
     sae = _sae(loaded.model.config.hidden_size)
-    cfg = StatsConfig(
-        n_tokens=N_TOKENS, batch_tokens=100, encode_chunk=50, reservoir_size=16, n_neighbors=5, logit_k=4
-    )
+    cfg = StatsConfig(n_tokens=N_TOKENS, batch_tokens=100, reservoir_size=16, n_neighbors=5, logit_k=4)
     return sae, cfg, compute_feature_stats(loaded, sae, HOOKPOINT, sequences, cfg)
 
 
@@ -203,6 +201,7 @@ def test_logit_lens_matches_manual(loaded, topk_run):
         logits = loaded.model.lm_head(final_norm(loaded.model)(sae.W_dec[feature]))
     for column, descending in (("top_logits", True), ("bottom_logits", False)):
         order = torch.argsort(logits, descending=descending).tolist()
+        order = [i for i in order if i != loaded.tokenizer.pad_token_id]  # padding is never listed
         texts = [clean_token(loaded.tokenizer.decode([i])) for i in order[: 3 * cfg.logit_k]]
         expected = list(dict.fromkeys(t for t in texts if t))[: cfg.logit_k]
         assert list(stats.features.loc[feature, column]) == expected
@@ -226,3 +225,14 @@ def test_auto_labels_on_real_stats(topk_run):
     assert all(label and len(label) <= 60 for label in live)
     assert len(set(live)) == len(live)
     assert not any(ch in label for label in labels for ch in "ĠĊ▁")
+
+
+def test_clear_errors(loaded):
+    sae = _sae(loaded.model.config.hidden_size)
+    with pytest.raises(StatsError, match="no tokens past the first position"):
+        compute_feature_stats(loaded, sae, HOOKPOINT, [[5], [6]], StatsConfig(n_neighbors=3))
+    wrong = SparseAutoencoder(SAEConfig(d_in=32, d_sae=8, activation="relu"))
+    with pytest.raises(SAEError, match="does not match the model's hidden size 64"):
+        compute_feature_stats(loaded, wrong, HOOKPOINT, [[1, 2, 3]])
+    with pytest.raises(StatsError, match="quantiles must lie strictly between 0 and 1"):
+        StatsConfig(quantiles=(0.5, 1.0))

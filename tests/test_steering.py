@@ -17,6 +17,7 @@ from explorer.steering import (
     Edit,
     GenerationError,
     GenerationStream,
+    RowSampler,
     RowSteering,
     SamplingConfig,
     SteeringEngine,
@@ -372,3 +373,36 @@ def test_hidden_features_as_mask(model, tokenizer, sae, scale):
         engine.validate([Edit(95, 1.0)], [1, 2])
     finally:
         engine.close()
+
+
+def test_close_finishes_running_requests_then_refuses(model, tokenizer, sae, scale, engine):
+    closing = _engine(model, tokenizer, sae, scale)
+    edits = [Edit(3, 6.0)]
+    stream = closing.stream(MESSAGES, edits, GREEDY)
+    closing.close()  # waits for the batch: the hook stays until the reply is done
+    assert stream.result() == [engine.generate(MESSAGES, edits, GREEDY)]
+    with pytest.raises(SteeringError, match="closed"):
+        closing.stream(MESSAGES, edits, GREEDY)
+
+
+@pytest.mark.parametrize("peaked", [True, False], ids=["candidates", "full-sort-fallback"])
+def test_nucleus_matches_a_full_sort(peaked):
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(5000, generator=gen) * (8.0 if peaked else 0.5)
+    sampler = RowSampler([SamplingConfig(temperature=1.0, top_p=0.9)], [0], 0, [])
+    kept, ids = sampler._nucleus(logits, 0.9)
+    probs = logits.softmax(-1)
+    order = probs.argsort(descending=True)
+    mass_before = probs[order].cumsum(-1) - probs[order]
+    expected = order[mass_before < 0.9]
+    assert ids.tolist() == expected.tolist() and torch.equal(kept, logits[expected])
+    assert (len(ids) <= sampler.top_p_candidates) == peaked
+
+
+def test_sampler_draws_from_the_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -9.0])
+    sampler = RowSampler([SamplingConfig(temperature=1.0)], [3], 0, [])
+    counts = torch.zeros(5)
+    for _ in range(4000):
+        counts[sampler(torch.zeros(1, 1, dtype=torch.long), logits[None].clone()).argmax()] += 1
+    torch.testing.assert_close(counts / 4000, logits.softmax(-1), atol=0.03, rtol=0)

@@ -21,7 +21,20 @@ from build_map.sae import SAEConfig, SparseAutoencoder, file_sha256, save_sae
 D_MODEL, N_FEATURES, HOOKPOINT = TINY_D_MODEL, 48, "model.layers.1"
 HTML_LABEL = '<script>alert("x")</script> & <b>bold</b>'
 HTML_FEATURE, HIDDEN_FEATURE, DEAD_FEATURE = 5, 7, 9
-_WORDS = ["apple", "Apricot", "bridge", "river", "ocean", "code", "python", "music", "jazz", "cat", "dog", "sun"]
+_WORDS = [
+    "apple",
+    "Apricot",
+    "bridge",
+    "river",
+    "ocean",
+    "code",
+    "python",
+    "music",
+    "jazz",
+    "cat",
+    "dog",
+    "sun",
+]
 
 
 def tiny_sae() -> SparseAutoencoder:
@@ -68,19 +81,63 @@ def feature_tables(n: int = N_FEATURES) -> tuple[pd.DataFrame, pd.DataFrame, pd.
     examples = []
     for i in range(n):
         for rank in range(3):
-            tokens = ["The", " quick", " <b>" if i == HTML_FEATURE else " brown", " fox", " jumps", "\n", " over"]
+            tokens = [
+                "The",
+                " quick",
+                " <b>" if i == HTML_FEATURE else " brown",
+                " fox",
+                " jumps",
+                "\n",
+                " over",
+            ]
             acts = np.zeros(len(tokens), dtype=np.float32)
             acts[2 + rank] = features.max_act[i] * (1 - 0.2 * rank)
             acts[1] = features.max_act[i] * 0.3
-            examples.append({"feature": i, "rank": rank, "bucket": "top", "act": float(acts.max()),
-                             "tokens": tokens, "acts": acts.tolist()})
-        examples.append({"feature": i, "rank": 0, "bucket": "q50", "act": 0.5,
-                         "tokens": ["a", " dog"], "acts": [0.0, 0.5]})
+            examples.append(
+                {
+                    "feature": i,
+                    "rank": rank,
+                    "bucket": "top",
+                    "act": float(acts.max()),
+                    "tokens": tokens,
+                    "acts": acts.tolist(),
+                }
+            )
+        examples.append(
+            {
+                "feature": i,
+                "rank": 0,
+                "bucket": "q50",
+                "act": 0.5,
+                "tokens": ["a", " dog"],
+                "acts": [0.0, 0.5],
+            }
+        )
     clusters = pd.DataFrame(
-        [{"level": 0, "cluster": c, "name": coarse_names[c], "size": int((coarse == c).sum()),
-          "x": centres[c, 0], "y": centres[c, 1], "parent": -1} for c in range(3)]
-        + [{"level": 1, "cluster": f, "name": f"{coarse_names[f % 3]} / part {f}", "size": int((fine == f).sum()),
-            "x": centres[f % 3, 0], "y": centres[f % 3, 1], "parent": f % 3} for f in range(6)]
+        [
+            {
+                "level": 0,
+                "cluster": c,
+                "name": coarse_names[c],
+                "size": int((coarse == c).sum()),
+                "x": centres[c, 0],
+                "y": centres[c, 1],
+                "parent": -1,
+            }
+            for c in range(3)
+        ]
+        + [
+            {
+                "level": 1,
+                "cluster": f,
+                "name": f"{coarse_names[f % 3]} / part {f}",
+                "size": int((fine == f).sum()),
+                "x": centres[f % 3, 0],
+                "y": centres[f % 3, 1],
+                "parent": f % 3,
+            }
+            for f in range(6)
+        ]
     )
     return features, pd.DataFrame(examples), clusters
 
@@ -111,6 +168,10 @@ def make_tiny_bundle(root: Path, real_map: bool = True) -> Path:
         "n_features": N_FEATURES,
     }
     return write_bundle(
-        root / "bundle", manifest=manifest, features=features, examples=examples, clusters=clusters,
+        root / "bundle",
+        manifest=manifest,
+        features=features,
+        examples=examples,
+        clusters=clusters,
         render_map=lambda folder: _render_map(features, folder, real_map),
     )
