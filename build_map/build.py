@@ -31,7 +31,16 @@ from build_map.stats import StatsConfig, compute_feature_stats
 
 logger = logging.getLogger(__name__)
 
-PACKAGES = ("torch", "transformers", "datamapplot", "umap-learn", "panel", "bokeh", "pyarrow", "sae-feature-map")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "datamapplot",
+    "umap-learn",
+    "panel",
+    "bokeh",
+    "pyarrow",
+    "sae-feature-map",
+)
 
 
 @dataclass(frozen=True)
@@ -110,8 +119,13 @@ def build_bundle(cfg: BuildConfig, loaded: LoadedModel | None = None) -> BuildSu
         hidden = read_hide_file(cfg.hide, sae.d_sae) if cfg.hide else set()
     corpus = CorpusConfig(sources=tuple(cfg.corpus), seed=cfg.seed)
     with stage("statistics"):
-        stats = compute_feature_stats(loaded, sae, hookpoint, _sequences(loaded, corpus, cfg.n_tokens),
-                                      StatsConfig(n_tokens=cfg.n_tokens, seed=cfg.seed))
+        stats = compute_feature_stats(
+            loaded,
+            sae,
+            hookpoint,
+            _sequences(loaded, corpus, cfg.n_tokens),
+            StatsConfig(n_tokens=cfg.n_tokens, seed=cfg.seed),
+        )
     with stage("labels"):
         features = _labelled(stats.features, stats.examples, imported, cfg.llm_labels)
         features["hidden"] = features["feature"].isin(hidden)
@@ -130,17 +144,31 @@ def build_bundle(cfg: BuildConfig, loaded: LoadedModel | None = None) -> BuildSu
     manifest = _manifest(cfg, loaded, sae, hookpoint, stats, corpus, project_cfg, cluster_cfg, trust)
     with stage("map"):
         bundle_io.write_bundle(
-            out, manifest=manifest, features=features, examples=stats.examples, clusters=clusters,
+            out,
+            manifest=manifest,
+            features=features,
+            examples=stats.examples,
+            clusters=clusters,
             render_map=lambda folder: (folder / bundle_io.MAP_HTML).write_text(
-                render_map_html(features, bundle_io.cluster_columns(features), title=title,
-                                subtitle=f"{int(features['dead'].sum()):,} dead features not drawn"),
-                encoding="utf-8"),
+                render_map_html(
+                    features,
+                    bundle_io.cluster_columns(features),
+                    title=title,
+                    subtitle=f"{int(features['dead'].sum()):,} dead features not drawn",
+                ),
+                encoding="utf-8",
+            ),
             overwrite=cfg.overwrite,
         )
     return BuildSummary(
-        out=out, n_features=sae.d_sae, n_live=int((~features["dead"]).sum()), n_dead=int(features["dead"].sum()),
-        n_hidden=len(hidden), clusters_per_level=[int(len(np.unique(level))) for level in levels],
-        trustworthiness=trust, stage_seconds=stage.seconds,
+        out=out,
+        n_features=sae.d_sae,
+        n_live=int((~features["dead"]).sum()),
+        n_dead=int(features["dead"].sum()),
+        n_hidden=len(hidden),
+        clusters_per_level=[int(len(np.unique(level))) for level in levels],
+        trustworthiness=trust,
+        stage_seconds=stage.seconds,
     )
 
 
@@ -150,7 +178,9 @@ def _sae_hookpoint(sae: SparseAutoencoder, loaded: LoadedModel) -> str:
     from build_map.models import default_hookpoint
 
     hookpoint = default_hookpoint(loaded.model)
-    logger.warning("The SAE does not say where it reads; using the middle layer %s (pass --hookpoint).", hookpoint)
+    logger.warning(
+        "The SAE does not say where it reads; using the middle layer %s (pass --hookpoint).", hookpoint
+    )
     return hookpoint
 
 
@@ -170,8 +200,13 @@ def _labelled(features: pd.DataFrame, examples: pd.DataFrame, imported: pd.Serie
     return apply_labels(features, auto_labels(features, examples), imported=imported, llm=llm)
 
 
-def _with_clusters(features: pd.DataFrame, xy: np.ndarray, levels: list[np.ndarray],
-                   parents: list[dict[int, int]], names: list[dict[int, str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _with_clusters(
+    features: pd.DataFrame,
+    xy: np.ndarray,
+    levels: list[np.ndarray],
+    parents: list[dict[int, int]],
+    names: list[dict[int, str]],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     features = features.copy()
     features["x"], features["y"] = xy[:, 0].astype(np.float32), xy[:, 1].astype(np.float32)
     rows = []
@@ -179,26 +214,52 @@ def _with_clusters(features: pd.DataFrame, xy: np.ndarray, levels: list[np.ndarr
         features[f"cluster_{level}"] = [level_names.get(int(c), "Unlabelled") for c in ids]
         for cluster in np.unique(ids):
             members = ids == cluster
-            rows.append({
-                "level": level, "cluster": int(cluster), "name": level_names.get(int(cluster), "Unlabelled"),
-                "size": int(members.sum()), "x": float(xy[members, 0].mean()), "y": float(xy[members, 1].mean()),
-                "parent": int(parents[level][int(cluster)]),
-            })
+            rows.append(
+                {
+                    "level": level,
+                    "cluster": int(cluster),
+                    "name": level_names.get(int(cluster), "Unlabelled"),
+                    "size": int(members.sum()),
+                    "x": float(xy[members, 0].mean()),
+                    "y": float(xy[members, 1].mean()),
+                    "parent": int(parents[level][int(cluster)]),
+                }
+            )
     return features, pd.DataFrame(rows)
 
 
 def _manifest(cfg, loaded, sae, hookpoint, stats, corpus, project_cfg, cluster_cfg, trust) -> dict:
     return {
-        "model": {"spec": cfg.model, "name": loaded.spec, "dtype": str(loaded.dtype).removeprefix("torch."),
-                  "n_layers": int(loaded.model.config.num_hidden_layers)},
+        "model": {
+            "spec": cfg.model,
+            "name": loaded.spec,
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "n_layers": int(loaded.model.config.num_hidden_layers),
+        },
         "hookpoint": hookpoint,
-        "sae": {"path": str(Path(cfg.sae).resolve()), "format": sae.cfg.source_format, "sha256": file_sha256(cfg.sae),
-                "activation": sae.cfg.activation, "k": sae.cfg.k},
+        "sae": {
+            "path": str(Path(cfg.sae).resolve()),
+            "format": sae.cfg.source_format,
+            "sha256": file_sha256(cfg.sae),
+            "activation": sae.cfg.activation,
+            "k": sae.cfg.k,
+        },
         "d_model": sae.d_in,
         "n_features": sae.d_sae,
-        "corpus": {"sources": list(corpus.sources), "n_tokens": stats.n_tokens, "n_sequences": stats.n_sequences},
-        "build": {"stats": asdict(stats.config), "project": asdict(project_cfg), "cluster": asdict(cluster_cfg),
-                  "labels_file": cfg.labels, "hide_file": cfg.hide, "llm_labels": cfg.llm_labels, "seed": cfg.seed},
+        "corpus": {
+            "sources": list(corpus.sources),
+            "n_tokens": stats.n_tokens,
+            "n_sequences": stats.n_sequences,
+        },
+        "build": {
+            "stats": asdict(stats.config),
+            "project": asdict(project_cfg),
+            "cluster": asdict(cluster_cfg),
+            "labels_file": cfg.labels,
+            "hide_file": cfg.hide,
+            "llm_labels": cfg.llm_labels,
+            "seed": cfg.seed,
+        },
         "trustworthiness": trust,
         "packages": _package_versions(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

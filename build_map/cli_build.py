@@ -22,8 +22,12 @@ def add_build(subparsers: argparse._SubParsersAction) -> None:
         description="Compute per-feature statistics and labels, project and cluster the decoder directions, "
         "and write a map bundle (Parquet + manifest + map.html).",
     )  # fmt: skip
-    parser.add_argument("--model", default=None, help="HF id, local folder or .gguf (default: embedded SmolLM2)")
-    parser.add_argument("--hookpoint", default=None, help="e.g. model.layers.19 (default: the SAE's own, else middle)")
+    parser.add_argument(
+        "--model", default=None, help="HF id, local folder or .gguf (default: embedded SmolLM2)"
+    )
+    parser.add_argument(
+        "--hookpoint", default=None, help="e.g. model.layers.19 (default: the SAE's own, else middle)"
+    )
     add_config_argument(parser, BuildConfig, "sae", "--sae", required=True)
     add_config_argument(parser, BuildConfig, "out", "--out", required=True)
     _add_build_options(parser)
@@ -62,13 +66,17 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
         "into the cache (or --out), and with --serve start the explorer on it.",
     )  # fmt: skip
     parser.add_argument("--out", default=None, help="bundle folder (default: in the user cache, reused)")
-    parser.add_argument("--rebuild", action="store_true", help="rebuild the bundle even if a cached one exists")
+    parser.add_argument(
+        "--rebuild", action="store_true", help="rebuild the bundle even if a cached one exists"
+    )
     parser.add_argument("--retrain", action="store_true", help="retrain the demo SAE even if one is cached")
     parser.add_argument("--tokens", type=count, default=DEMO_STATS_TOKENS, dest="n_tokens",
                         help=f"corpus tokens for the statistics (default: {DEMO_STATS_TOKENS:,})")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--serve", action="store_true", help="start the explorer on the bundle afterwards")
-    parser.add_argument("--host", default="127.0.0.1", help="with --serve: address to bind (default: localhost)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="with --serve: address to bind (default: localhost)"
+    )
     parser.add_argument("--port", type=int, default=5006, help="with --serve: port (default: 5006)")
     parser.set_defaults(run=run_demo)
 
@@ -95,6 +103,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.serve:
         from explorer.cli import main as explore_main
 
-        return explore_main([str(out), "--host", args.host, "--port", str(args.port), "--device", args.device])
+        return explore_main(
+            [str(out), "--host", args.host, "--port", str(args.port), "--device", args.device]
+        )
     print(f"Serve it with: explore {out}")
     return 0
