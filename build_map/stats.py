@@ -172,18 +172,21 @@ class _Corpus:
 
 class _RunningTop:
     """Per feature, the ``size`` entries with the highest score seen so far, with their payloads:
-    activation value, token location and the activations of the window around it."""
+    activation value, token location and the activations of the window around it.
+
+    Rows are unordered (``sorted_rows`` orders them): a newcomer takes the slot of the entry it
+    evicts, so an update writes only the entries that change, never whole rows of windows."""
 
     def __init__(self, d_sae: int, size: int, width: int, device: torch.device):
         self.score = torch.full((d_sae, size), -math.inf, device=device)
+        self.floor = torch.full((d_sae,), -math.inf, device=device)  # lowest kept score per row
         self.value = torch.zeros((d_sae, size), device=device)
         self.loc = torch.full((d_sae, size), -1, dtype=torch.long, device=device)
         self.window = torch.zeros((d_sae, size, width), device=device)
 
     def update(self, feats: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor, batch: _Batch) -> None:
         """Offer the active pairs (``feats``, token ``rows`` of ``batch``) with their ``scores``."""
-        # Only candidates that beat their feature's current worst kept entry can get in.
-        better = scores > self.score[feats, -1]
+        better = scores > self.floor[feats]  # only these can get in
         feats, scores, rows = feats[better], scores[better], rows[better]
         if feats.numel() == 0:
             return
@@ -193,26 +196,35 @@ class _RunningTop:
         order = order[torch.argsort(feats[order], stable=True)]
         feats, scores, rows = feats[order], scores[order], rows[order]
         touched, counts = torch.unique_consecutive(feats, return_counts=True)
-        slot = torch.repeat_interleave(torch.arange(touched.numel(), device=feats.device), counts)
-        rank = torch.arange(feats.numel(), device=feats.device) - (torch.cumsum(counts, 0) - counts)[slot]
+        group = torch.repeat_interleave(torch.arange(touched.numel(), device=feats.device), counts)
+        rank = torch.arange(feats.numel(), device=feats.device) - (torch.cumsum(counts, 0) - counts)[group]
         keep = rank < size
-        feats, scores, rows, slot, rank = feats[keep], scores[keep], rows[keep], slot[keep], rank[keep]
-        # Merge, for the touched features only, the kept entries with the new candidates.
-        shape = (touched.numel(), size)
-        cand_score = torch.full(shape, -math.inf, device=feats.device)
-        cand_score[slot, rank] = scores
-        cand_value = torch.zeros(shape, device=feats.device)
-        cand_value[slot, rank] = batch.acts[rows, feats]
-        cand_loc = torch.full(shape, -1, dtype=torch.long, device=feats.device)
-        cand_loc[slot, rank] = rows + batch.first_loc
-        cand_window = torch.zeros((*shape, self.window.shape[2]), device=feats.device)
-        cand_window[slot, rank] = batch.windows(rows, feats)
-        merged, index = torch.cat([self.score[touched], cand_score], 1).topk(size, dim=1)
-        self.score[touched] = merged
-        self.value[touched] = torch.cat([self.value[touched], cand_value], 1).gather(1, index)
-        self.loc[touched] = torch.cat([self.loc[touched], cand_loc], 1).gather(1, index)
-        wide = index[:, :, None].expand(-1, -1, self.window.shape[2])
-        self.window[touched] = torch.cat([self.window[touched], cand_window], 1).gather(1, wide)
+        group, rank, scores, rows = group[keep], rank[keep], scores[keep], rows[keep]
+        cand = torch.full((touched.numel(), size), -math.inf, device=feats.device)
+        cand[group, rank] = scores
+        # The best `size` of old + new, per touched row; newcomers move into the evicted slots.
+        old = self.score[touched]
+        best = torch.cat([old, cand], 1).topk(size, dim=1).indices
+        stays = torch.zeros_like(old, dtype=torch.bool).scatter_(1, best.clamp(max=size - 1), best < size)
+        enters = torch.zeros_like(old, dtype=torch.bool).scatter_(1, (best - size).clamp(min=0), best >= size)
+        slot_row, slot = (~stays).nonzero(as_tuple=True)  # row-major, like the newcomers below
+        new_row, new_rank = enters.nonzero(as_tuple=True)  # as many per row as evicted slots
+        lookup = torch.full((touched.numel(), size), -1, dtype=torch.long, device=feats.device)
+        lookup[group, rank] = torch.arange(group.numel(), device=feats.device)
+        pick = lookup[new_row, new_rank]  # index into the kept candidates
+        target = touched[slot_row]
+        self.score[target, slot] = scores[pick]
+        self.value[target, slot] = batch.acts[rows[pick], target].float()
+        self.loc[target, slot] = rows[pick] + batch.first_loc
+        self.window[target, slot] = batch.windows(rows[pick], target)
+        self.floor[touched] = self.score[touched].amin(1)
+
+    def sorted_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(score, value, loc, window) with each row ordered by score, best first."""
+        order = self.score.argsort(dim=1, descending=True)
+        wide = order[:, :, None].expand_as(self.window)
+        return (self.score.gather(1, order), self.value.gather(1, order), self.loc.gather(1, order),
+                self.window.gather(1, wide))
 
 
 @dataclass
