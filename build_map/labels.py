@@ -203,8 +203,10 @@ def read_label_file(path: str | Path, n_features: int) -> pd.Series:
     ids = _feature_ids(frame["feature"].tolist(), path, n_features)
     labels = [clean_label(text) for text in frame["label"].tolist()]
     chosen: dict[int, str] = {}
+    empty = 0
     for feature, label in zip(ids, labels, strict=True):
         if not label:
+            empty += 1
             continue
         if feature in chosen and chosen[feature] != label:
             raise LabelFileError(
@@ -212,6 +214,8 @@ def read_label_file(path: str | Path, n_features: int) -> pd.Series:
                 "keep one row per feature."
             )
         chosen[feature] = label
+    if empty:
+        logger.info("%s: %d rows with an empty label were skipped", path, empty)
     return pd.Series(chosen, dtype=object, name="label").sort_index()
 
 
@@ -318,7 +322,7 @@ def _as_int(value: object) -> int | None:
     if isinstance(value, (float, np.floating)):
         return int(value) if float(value).is_integer() else None
     text = str(value).strip()
-    return int(text) if re.fullmatch(r"[+-]?\d+", text) else None
+    return int(text.split(".")[0]) if re.fullmatch(r"[+-]?\d+(\.0*)?", text) else None
 
 
 # ---------------------------------------------------------------- combining

@@ -85,10 +85,19 @@ class _Candidate:
     score: float
 
 
-def _content_runs(label: str, stop: frozenset[str]) -> list[list[str]]:
-    """Lower-cased content words of a label, split into runs at stopwords (no bigram spans them)."""
+@dataclass(frozen=True)
+class _LabelIndex:
+    """Terms of every feature label, extracted once and shared by all levels."""
+
+    vocab: list[str]
+    doc_term: sparse.csr_matrix  # (n_features, n_terms): 1 where feature i's label holds term t
+    surface: dict[str, str]  # lower-cased word -> its most common spelling ("DNA", "Python")
+
+
+def _content_runs(words: list[str], stop: frozenset[str]) -> list[list[str]]:
+    """Lower-cased content words, split into runs at stopwords (no bigram spans a stopword)."""
     runs: list[list[str]] = [[]]
-    for word in WORD.findall(label.lower()):
+    for word in words:
         if word in stop or (len(word) < 2 and not word.isdigit()):
             if runs[-1]:
                 runs.append([])
@@ -97,44 +106,36 @@ def _content_runs(label: str, stop: frozenset[str]) -> list[list[str]]:
     return [r for r in runs if r]
 
 
-def _label_terms(label: object, stop: frozenset[str]) -> set[str]:
-    if not isinstance(label, str) or not label:
-        return set()
-    terms: set[str] = set()
-    for run in _content_runs(label, stop):
-        terms.update(run)
-        terms.update(f"{a} {b}" for a, b in zip(run, run[1:], strict=False) if a != b)
-    return terms
-
-
-def _surface_forms(labels: Sequence[object]) -> dict[str, str]:
-    """Most common spelling of each word as written ("DNA", "Python"), keyed by lower case."""
-    counts: dict[str, Counter[str]] = {}
-    for label in labels:
-        if isinstance(label, str):
-            for word in WORD.findall(label):
-                counts.setdefault(word.lower(), Counter())[word] += 1
-    return {low: c.most_common(1)[0][0] for low, c in counts.items()}
+def _index_labels(labels: Sequence[object]) -> _LabelIndex:
+    stop = _stopwords()
+    vocab: dict[str, int] = {}
+    spellings: dict[str, Counter[str]] = {}
+    rows, cols = [], []
+    for i, label in enumerate(labels):
+        if not isinstance(label, str):  # None, NaN: no terms
+            continue
+        words = WORD.findall(label)
+        for word in words:
+            spellings.setdefault(word.lower(), Counter())[word] += 1
+        terms: set[str] = set()
+        for run in _content_runs([w.lower() for w in words], stop):
+            terms.update(run)
+            terms.update(f"{a} {b}" for a, b in zip(run, run[1:], strict=False) if a != b)
+        rows.extend([i] * len(terms))
+        cols.extend(vocab.setdefault(term, len(vocab)) for term in terms)
+    doc_term = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(labels), len(vocab)))
+    surface = {low: c.most_common(1)[0][0] for low, c in spellings.items()}
+    return _LabelIndex(list(vocab), doc_term, surface)
 
 
 def _class_term_counts(
-    labels: Sequence[object], cluster_ids: np.ndarray, stop: frozenset[str]
-) -> tuple[np.ndarray, list[str], sparse.csr_matrix]:
-    """(clusters, vocabulary, counts (n_clusters, n_terms)): members of each cluster holding each term."""
-    vocab: dict[str, int] = {}
-    rows, cols = [], []
-    for i, label in enumerate(labels):
-        for term in _label_terms(label, stop):
-            rows.append(i)
-            cols.append(vocab.setdefault(term, len(vocab)))
-    doc_term = sparse.csr_matrix(
-        (np.ones(len(rows), dtype=np.float64), (rows, cols)), shape=(len(labels), len(vocab))
-    )
-    clusters, inverse = np.unique(cluster_ids, return_inverse=True)
-    member = sparse.csr_matrix(
-        (np.ones(len(labels)), (inverse, np.arange(len(labels)))), shape=(len(clusters), len(labels))
-    )
-    return clusters, list(vocab), (member @ doc_term).tocsr()
+    index: _LabelIndex, cluster_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, sparse.csr_matrix]:
+    """(clusters, sizes, counts (n_clusters, n_terms)): members of each cluster holding each term."""
+    clusters, inverse, sizes = np.unique(cluster_ids, return_inverse=True, return_counts=True)
+    n = len(cluster_ids)
+    member = sparse.csr_matrix((np.ones(n), (inverse, np.arange(n))), shape=(len(clusters), n))
+    return clusters, sizes, (member @ index.doc_term).tocsr()
 
 
 def _ranked_candidates(
@@ -225,18 +226,26 @@ def name_clusters(
         )
     if len(cluster_ids) == 0:
         return {}
-    stop = _stopwords()
-    clusters, vocab, counts = _class_term_counts(member_labels, cluster_ids, stop)
-    sizes = np.bincount(np.unique(cluster_ids, return_inverse=True)[1])
-    ranked = _ranked_candidates(counts, vocab, sizes)
-    avoid = avoid or {}
+    options = {"max_words": max_words, "max_terms": max_terms, "min_relative_score": min_relative_score}
+    return _name_level(_index_labels(member_labels), cluster_ids, avoid or {}, avoid_factor, **options)
+
+
+def _name_level(
+    index: _LabelIndex,
+    cluster_ids: np.ndarray,
+    avoid: Mapping[int, str],
+    avoid_factor: float,
+    max_words: int,
+    max_terms: int,
+    min_relative_score: float,
+) -> dict[int, str]:
+    clusters, sizes, counts = _class_term_counts(index, cluster_ids)
     ranked = [
         _penalise(cands, frozenset(w.lower() for w in WORD.findall(avoid.get(int(c), ""))), avoid_factor)
-        for c, cands in zip(clusters, ranked, strict=True)
+        for c, cands in zip(clusters, _ranked_candidates(counts, index.vocab, sizes), strict=True)
     ]
     chosen = [_compose(cands, max_words, max_terms, min_relative_score) for cands in ranked]
-    surface = _surface_forms(member_labels)
-    names = _distinct_names(clusters, sizes, ranked, chosen, surface, max_words)
+    names = _distinct_names(clusters, sizes, ranked, chosen, index.surface, max_words)
     return {int(c): names[i] for i, c in enumerate(clusters)}
 
 
@@ -293,18 +302,28 @@ def name_levels(
     member_labels: Sequence[str | None],
     levels: Sequence[np.ndarray],
     parents: Sequence[Mapping[int, int]] | None = None,
-    **kwargs: object,
+    *,
+    max_words: int = 3,
+    max_terms: int = 2,
+    min_relative_score: float = 0.6,
+    avoid_factor: float = 0.3,
 ) -> list[dict[int, str]]:
     """Names for every level (coarse to fine, as from ``cluster_levels``), distinct within each.
 
     With ``parents`` (from ``cluster_parents``), a cluster with siblings avoids the words of its
-    parent's name, so the finer level says what distinguishes it.
+    parent's name, so the finer level says what distinguishes it. Labels are tokenised once.
     """
+    if any(len(level) != len(member_labels) for level in levels):
+        raise ValueError(f"every level needs one cluster id per label ({len(member_labels)} labels)")
+    if not len(member_labels):
+        return [{} for _ in levels]
+    index = _index_labels(member_labels)
+    options = {"max_words": max_words, "max_terms": max_terms, "min_relative_score": min_relative_score}
     named: list[dict[int, str]] = []
     for i, level in enumerate(levels):
         avoid: dict[int, str] = {}
         if parents is not None and i > 0:
             n_children = Counter(parents[i].values())
             avoid = {c: named[i - 1][p] for c, p in parents[i].items() if n_children[p] > 1}
-        named.append(name_clusters(member_labels, level, avoid=avoid, **kwargs))  # type: ignore[arg-type]
+        named.append(_name_level(index, np.asarray(level), avoid, avoid_factor, **options))
     return named

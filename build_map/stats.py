@@ -199,32 +199,32 @@ class _RunningTop:
         group = torch.repeat_interleave(torch.arange(touched.numel(), device=feats.device), counts)
         rank = torch.arange(feats.numel(), device=feats.device) - (torch.cumsum(counts, 0) - counts)[group]
         keep = rank < size
-        group, rank, scores, rows = group[keep], rank[keep], scores[keep], rows[keep]
+        group, rank = group[keep], rank[keep]
         cand = torch.full((touched.numel(), size), -math.inf, device=feats.device)
-        cand[group, rank] = scores
-        # The best `size` of old + new, per touched row; newcomers move into the evicted slots.
-        old = self.score[touched]
-        best = torch.cat([old, cand], 1).topk(size, dim=1).indices
-        stays = torch.zeros_like(old, dtype=torch.bool).scatter_(1, best.clamp(max=size - 1), best < size)
-        enters = torch.zeros_like(old, dtype=torch.bool).scatter_(1, (best - size).clamp(min=0), best >= size)
-        slot_row, slot = (~stays).nonzero(as_tuple=True)  # row-major, like the newcomers below
-        new_row, new_rank = enters.nonzero(as_tuple=True)  # as many per row as evicted slots
-        lookup = torch.full((touched.numel(), size), -1, dtype=torch.long, device=feats.device)
-        lookup[group, rank] = torch.arange(group.numel(), device=feats.device)
-        pick = lookup[new_row, new_rank]  # index into the kept candidates
-        target = touched[slot_row]
-        self.score[target, slot] = scores[pick]
-        self.value[target, slot] = batch.acts[rows[pick], target].float()
-        self.loc[target, slot] = rows[pick] + batch.first_loc
-        self.window[target, slot] = batch.windows(rows[pick], target)
+        cand[group, rank] = scores[keep]  # (touched, size), best first
+        cand_row = torch.zeros((touched.numel(), size), dtype=torch.long, device=feats.device)
+        cand_row[group, rank] = rows[keep]
+        # The j-th best newcomer replaces the j-th lowest kept entry while it beats it (a prefix
+        # of j, since one side falls and the other rises): the best `size` of old and new stay.
+        old_low, old_slot = self.score[touched].sort(dim=1)
+        group, j = (cand > old_low).nonzero(as_tuple=True)
+        target, slot, new_rows = touched[group], old_slot[group, j], cand_row[group, j]
+        self.score[target, slot] = cand[group, j]
+        self.value[target, slot] = batch.acts[new_rows, target].float()
+        self.loc[target, slot] = new_rows + batch.first_loc
+        self.window[target, slot] = batch.windows(new_rows, target)
         self.floor[touched] = self.score[touched].amin(1)
 
     def sorted_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(score, value, loc, window) with each row ordered by score, best first."""
         order = self.score.argsort(dim=1, descending=True)
         wide = order[:, :, None].expand_as(self.window)
-        return (self.score.gather(1, order), self.value.gather(1, order), self.loc.gather(1, order),
-                self.window.gather(1, wide))
+        return (
+            self.score.gather(1, order),
+            self.value.gather(1, order),
+            self.loc.gather(1, order),
+            self.window.gather(1, wide),
+        )
 
 
 @dataclass
@@ -336,7 +336,8 @@ class _Chosen:
 def _choose_examples(state: _State, cfg: StatsConfig) -> _Chosen:
     """Top examples, then per quantile the reservoir samples whose activation is nearest to it."""
     top, res = state.top, state.reservoir
-    parts = [(TOP_BUCKET, top, torch.arange(top.loc.shape[1], device=top.loc.device).expand_as(top.loc))]
+    _, value, loc, window = top.sorted_rows()
+    parts = [(TOP_BUCKET, value, loc, window, torch.arange(loc.shape[1], device=loc.device).expand_as(loc))]
     valid = res.loc >= 0
     if cfg.quantiles and cfg.n_per_quantile > 0 and bool(valid.any()):
         free = valid & ~(res.loc[:, :, None] == top.loc[:, None, :]).any(-1)  # not already a top example
@@ -350,7 +351,7 @@ def _choose_examples(state: _State, cfg: StatsConfig) -> _Chosen:
                 torch.where(ok, res.value.gather(1, index), -math.inf), dim=1, descending=True
             )
             index = torch.where(ok.gather(1, order), index.gather(1, order), -1)
-            parts.append((bucket_name(q), res, index))
+            parts.append((bucket_name(q), res.value, res.loc, res.window, index))
             free = free.scatter(1, index.clamp(min=0), False) if bool(ok.any()) else free
     return _flatten_choice(parts)
 
@@ -368,19 +369,20 @@ def _row_quantile(values: torch.Tensor, valid: torch.Tensor, q: float) -> torch.
     return torch.where(count > 0, level, math.nan)
 
 
-def _flatten_choice(parts: list[tuple[str, _RunningTop, torch.Tensor]]) -> _Chosen:
-    """One row per chosen entry; ``index`` (d_sae, m) points into the buffer's slots, -1 for none."""
+def _flatten_choice(parts: list[tuple]) -> _Chosen:
+    """One row per chosen entry. Each part is (bucket, value, loc, window, index), ``index`` (d_sae, m)
+    pointing into the buffers' slots, -1 for none, chosen entries first and best first."""
     features, buckets, ranks, acts, locs, windows = [], [], [], [], [], []
-    for bucket, buffer, index in parts:
+    for bucket, value, loc, window, index in parts:
         slots = index.clamp(min=0)
-        ok = (index >= 0) & (buffer.loc.gather(1, slots) >= 0)
-        feature, rank = ok.nonzero(as_tuple=True)  # chosen entries are packed first, best first
+        ok = (index >= 0) & (loc.gather(1, slots) >= 0)
+        feature, rank = ok.nonzero(as_tuple=True)
         slot = slots[feature, rank]
         features.append(feature.cpu())
         ranks.append(rank.cpu())
-        acts.append(buffer.value[feature, slot].float().cpu())
-        locs.append(buffer.loc[feature, slot].cpu())
-        windows.append(buffer.window[feature, slot].float().cpu())
+        acts.append(value[feature, slot].float().cpu())
+        locs.append(loc[feature, slot].cpu())
+        windows.append(window[feature, slot].float().cpu())
         buckets.extend([bucket] * int(feature.numel()))
     return _Chosen(
         torch.cat(features), buckets, torch.cat(ranks), torch.cat(acts), torch.cat(locs), torch.cat(windows)
@@ -426,7 +428,8 @@ def _feature_rows(loaded, sae, state: _State, corpus: _Corpus, cfg: StatsConfig,
     count = state.count.cpu()
     dead = count == 0
     mean = (state.act_sum.cpu() / count.clamp(min=1)).float()
-    max_act = torch.where(dead, torch.zeros(()), state.top.value[:, 0].float().cpu())
+    top_value = torch.where(state.top.loc >= 0, state.top.value, -math.inf).amax(1).float().cpu()
+    max_act = torch.where(dead, torch.zeros(()), top_value)
     top_logits, bottom_logits = logit_lens(loaded.model, sae.W_dec, cfg.logit_k, decoder)
     neighbors, _ = exact_knn(sae.W_dec.detach(), cfg.n_neighbors, device=str(sae.W_dec.device))
     return pd.DataFrame(

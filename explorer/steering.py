@@ -281,9 +281,10 @@ class RowSampler:
     rows with the same seed see the same noise on the same token at every step."""
 
     top_p_candidates = 64
-    """Nucleus searched among this many top tokens first (a full sort of a 49k vocabulary costs
-    as much as a decoding step on a laptop CPU); rows whose candidates hold less mass than top_p
-    fall back to the full sort, so the result is the same."""
+    """The nucleus is looked for among this many top tokens first (one cheap topk)."""
+    buckets_per_nat = 16
+    """Resolution of the log-probability buckets used when the candidates are not enough."""
+    n_buckets = 16 * 40
 
     def __init__(self, configs: Sequence[SamplingConfig], seeds: Sequence[int], prompt_length: int, eos_ids):
         self.configs = list(configs)
@@ -324,15 +325,32 @@ class RowSampler:
         return choice if ids is None else ids[choice]
 
     def _nucleus(self, logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and ids of the smallest set of most likely tokens whose probability reaches top_p."""
-        log_total = logits.logsumexp(-1)
-        top, ids = logits.topk(min(self.top_p_candidates, logits.shape[-1]))
-        probs = (top - log_total).exp()
-        if float(probs.sum()) < top_p:
-            top, ids = logits.sort(descending=True)
-            probs = (top - log_total).exp()
-        keep = (probs.cumsum(-1) - probs) < top_p  # the token that crosses top_p is kept
-        return top[keep], ids[keep]
+        """Logits and ids (in no particular order) of the smallest set of most likely tokens whose
+        probability reaches top_p: the same set a full sort finds, without sorting the vocabulary
+        (a sort of 49k logits costs about a third of a decoding step on a laptop CPU)."""
+        log_probs = logits - logits.logsumexp(-1)
+        top, ids = log_probs.topk(min(self.top_p_candidates, logits.shape[-1]))
+        probs = top.exp()
+        if float(probs.sum()) >= top_p:  # peaked distributions: the nucleus is among the candidates
+            keep = (probs.cumsum(-1) - probs) < top_p  # the token that crosses top_p is kept
+            return logits[ids[keep]], ids[keep]
+        # Flat ones: bucket tokens by how far below the best their log-probability is. Buckets
+        # above the one where the cumulative mass crosses top_p are wholly inside; only the
+        # crossing bucket is sorted.
+        depth = ((top[0] - log_probs) * self.buckets_per_nat).clamp(max=self.n_buckets - 1).long()  # -inf too
+        probs = log_probs.exp()
+        mass = torch.zeros(self.n_buckets, dtype=probs.dtype, device=probs.device).scatter_add_(
+            0, depth, probs
+        )
+        cumulative = mass.cumsum(0)
+        crossing = min(int((cumulative < top_p).sum()), self.n_buckets - 1)
+        before = float(cumulative[crossing - 1]) if crossing else 0.0
+        inside = (depth < crossing).nonzero().squeeze(-1)
+        edge = (depth == crossing).nonzero().squeeze(-1)
+        edge_probs, order = probs[edge].sort(descending=True)
+        edge = edge[order[(before + edge_probs.cumsum(-1) - edge_probs) < top_p]]
+        ids = torch.cat([inside, edge])
+        return logits[ids], ids
 
 
 class _RowState:

@@ -172,7 +172,9 @@ def test_click_add_chat_offline(server):
         )
         card_ms = handle.json_value() - frame.evaluate("() => window.__clicks.at(-1)")
 
-        # Add it, send a prompt, wait for text in both columns.
+        # Add it, send a prompt, wait for text in both columns (short replies keep the test quick).
+        page.get_by_label("Max new tokens").fill("24")
+        page.get_by_label("Max new tokens").press("Enter")
         page.get_by_role("button", name="Add to edits").click()
         page.wait_for_function("() => window.__deepAll('.edit-row').length === 1", timeout=30_000)
         token_ms = _send_and_time_first_steered_token(page, "hello, how are you today?", turn=1)

@@ -236,3 +236,40 @@ def test_clear_errors(loaded):
         compute_feature_stats(loaded, wrong, HOOKPOINT, [[1, 2, 3]])
     with pytest.raises(StatsError, match="quantiles must lie strictly between 0 and 1"):
         StatsConfig(quantiles=(0.5, 1.0))
+
+
+@pytest.mark.slow
+def test_embedded_default_tables_are_readable(embedded):
+    """SmolLM2 + the real corpus: example text rebuilds the corpus text, lists carry no tokenizer markers."""
+    from build_map.corpus import CorpusConfig, token_sequences
+
+    d = embedded.model.config.hidden_size
+    sae = SparseAutoencoder(SAEConfig(d_in=d, d_sae=256, activation="topk", k=8))
+    with torch.no_grad():
+        directions = torch.nn.functional.normalize(
+            torch.randn(256, d, generator=torch.Generator().manual_seed(0)), dim=1
+        )
+        sae.W_dec.copy_(directions)
+        sae.W_enc.copy_(directions.T)
+    cfg = StatsConfig(n_tokens=1500)
+    stats = compute_feature_stats(
+        embedded, sae, "model.layers.15", token_sequences(embedded.tokenizer, CorpusConfig()), cfg
+    )
+    assert stats.n_tokens == 1500
+    lists = [
+        t
+        for column in ("top_tokens", "top_logits", "bottom_logits")
+        for row in stats.features[column]
+        for t in row
+    ]
+    assert (
+        lists and not any(ch in t for t in lists for ch in "ĠĊ▁") and all(t.strip() == t and t for t in lists)
+    )
+    live = stats.features[~stats.features["dead"]]
+    assert (live["top_logits"].map(len) == cfg.logit_k).all()
+    text = "".join(stats.examples.iloc[0]["tokens"])
+    assert "Ġ" not in text and len(text) > 20
+    labels = auto_labels(stats.features, stats.examples)
+    assert len(set(labels)) == len(labels) - sum(label == DEAD_LABEL for label in labels) + min(
+        1, labels.count(DEAD_LABEL)
+    )

@@ -1,0 +1,221 @@
+"""Which SAE features made the model predict a token: activation × gradient attribution.
+
+At the hookpoint the residual ``x`` is replaced by ``decode(f) + e`` with ``f = encode(x)`` a leaf
+that requires grad and the SAE error ``e = x - decode(f)`` held constant, so the forward pass is
+unchanged but ``log p(target)`` becomes a function of the feature activations. One forward and one
+backward give ``g = ∂ log p / ∂ f`` at every position; a feature's attribution is ``f · g`` summed
+over the positions 0..``position`` (later positions cannot affect the prediction).
+
+What the numbers mean: ``Σ_features f·g`` is the first-order change of log p when every feature is
+scaled to zero at once (the error term and ``b_dec`` kept), i.e. ``d/dc log p(c·f)`` at c = 1; one
+feature's attribution is the same for that feature alone. A positive score means the feature's
+presence raised the target's probability. It is a linear estimate: large ablations can differ.
+
+Layers before the hookpoint run without autograd (the graph starts at ``f``), so the cost is one
+forward plus a backward through the layers after the hookpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from build_map.models import resolve_hookpoint
+from build_map.sae import SparseAutoencoder
+
+
+class AttributionError(ValueError):
+    """The attribution request is malformed; the message says which value and what is allowed."""
+
+
+def attribute_token(
+    model: nn.Module,
+    sae: SparseAutoencoder,
+    hookpoint: str,
+    input_ids: torch.Tensor | Sequence[int],
+    position: int = -1,
+    target_token: int | None = None,
+    top_k: int = 20,
+    hidden: Any = None,
+    per_position: bool = False,
+) -> pd.DataFrame:
+    """Top features by |attribution| to log p(target | tokens 0..position).
+
+    ``position``: the position whose next-token prediction is explained (negative counts from the
+    end). ``target_token``: default the next token in ``input_ids`` when there is one, else the
+    model's most likely token. To explain the token at index t of a text, pass ``position=t-1``.
+    ``hidden``: bool mask (d_sae,) or ids of features to leave out of the list (they still count in
+    ``attrs["total_attribution"]``).
+
+    Returns one row per feature: ``feature``, ``activation`` and ``gradient`` at ``position``,
+    ``attribution`` (f·g summed over positions 0..position) and ``attribution_here`` (at
+    ``position`` only). ``attrs`` holds target_token, position, logprob, total_attribution and, with
+    ``per_position``, a long frame (position, feature, activation, gradient, attribution) of the
+    listed features' nonzero entries.
+    """
+    ids = _as_ids(input_ids)
+    position = _check_position(position, ids.shape[1])
+    if target_token is None:
+        target_token = default_target(ids, position)
+    ids = ids[:, : position + 1]  # later tokens cannot change this prediction
+    features, grads, logprob, target = _features_and_gradients(
+        model, sae, hookpoint, ids, position, target_token
+    )
+    scores = features * grads  # (seq, d_sae)
+    total = scores.sum(0)
+    candidates = total.clone()
+    mask = _hidden_mask(hidden, sae.d_sae)
+    if mask is not None:
+        candidates[mask.to(candidates.device)] = 0.0
+    order = candidates.abs().argsort(descending=True)[:top_k]
+    order = order[candidates[order] != 0]  # only features that contributed
+    frame = pd.DataFrame(
+        {
+            "feature": order.cpu().numpy().astype(np.int64),
+            "activation": features[position, order].cpu().numpy(),
+            "gradient": grads[position, order].cpu().numpy(),
+            "attribution": total[order].cpu().numpy(),
+            "attribution_here": scores[position, order].cpu().numpy(),
+        }
+    )
+    frame.attrs.update(
+        target_token=target, position=position, logprob=logprob, total_attribution=float(total.sum())
+    )
+    if per_position:
+        frame.attrs["per_position"] = _per_position(features, grads, scores, order)
+    return frame
+
+
+def _features_and_gradients(
+    model: nn.Module,
+    sae: SparseAutoencoder,
+    hookpoint: str,
+    ids: torch.Tensor,
+    position: int,
+    target_token: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """(seq, d_sae) activations and gradients of log p(target at position), the log p and target."""
+    leaf: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+        # The forward runs under no_grad; autograd starts here, so the layers before the hookpoint
+        # keep no graph. no_grad's exit restores the previous mode whatever we set in between.
+        torch.set_grad_enabled(True)
+        hidden = output[0] if isinstance(output, tuple) else output
+        x = hidden[0].to(sae.W_enc.dtype)  # (seq, d_in)
+        f = sae.encode(x).detach().requires_grad_(True)
+        error = (x - sae.decode(f)).detach()
+        leaf.append(f)
+        replaced = (sae.decode(f) + error).to(hidden.dtype).unsqueeze(0)
+        return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
+
+    handle = resolve_hookpoint(model, hookpoint).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(_input_device(model)), use_cache=False).logits
+            logprobs = _at_least_fp32(logits[0, position]).log_softmax(-1)
+            target = int(logprobs.argmax()) if target_token is None else int(target_token)
+            if not 0 <= target < logprobs.shape[0]:
+                raise AttributionError(
+                    f"target_token {target} is outside the vocabulary (0 to {logprobs.shape[0] - 1})."
+                )
+            (grads,) = torch.autograd.grad(logprobs[target], leaf[0])
+    finally:
+        handle.remove()
+    return leaf[0].detach(), grads.detach(), float(logprobs[target].detach()), target
+
+
+def feature_scaled_logprob(
+    model: nn.Module,
+    sae: SparseAutoencoder,
+    hookpoint: str,
+    input_ids: torch.Tensor | Sequence[int],
+    position: int,
+    target_token: int,
+    scale: torch.Tensor,
+) -> float:
+    """log p(target at position) with every feature's activation multiplied by ``scale`` (d_sae,) at
+    every position, the SAE error held constant: the reference the attributions linearise."""
+    ids = _as_ids(input_ids)
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        x = hidden.to(sae.W_enc.dtype)
+        f = sae.encode(x)
+        replaced = (sae.decode(f * scale.to(f)) + (x - sae.decode(f))).to(hidden.dtype)
+        return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
+
+    handle = resolve_hookpoint(model, hookpoint).register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(_input_device(model)), use_cache=False).logits
+    finally:
+        handle.remove()
+    return float(_at_least_fp32(logits[0, position]).log_softmax(-1)[target_token])
+
+
+def default_target(input_ids: torch.Tensor, position: int) -> int | None:
+    """The next token of the text when there is one (None: the model's argmax is used)."""
+    ids = _as_ids(input_ids)
+    position = _check_position(position, ids.shape[1])
+    return int(ids[0, position + 1]) if position + 1 < ids.shape[1] else None
+
+
+def _per_position(
+    features: torch.Tensor, grads: torch.Tensor, scores: torch.Tensor, order: torch.Tensor
+) -> pd.DataFrame:
+    sub = features[:, order]
+    positions, columns = (sub != 0).nonzero(as_tuple=True)
+    picked = order[columns]
+    return pd.DataFrame(
+        {
+            "position": positions.cpu().numpy(),
+            "feature": picked.cpu().numpy(),
+            "activation": features[positions, picked].cpu().numpy(),
+            "gradient": grads[positions, picked].cpu().numpy(),
+            "attribution": scores[positions, picked].cpu().numpy(),
+        }
+    )
+
+
+def _as_ids(input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+        raise AttributionError(
+            f"input_ids must be one non-empty sequence, (seq,) or (1, seq); got shape {tuple(ids.shape)}."
+        )
+    return ids
+
+
+def _check_position(position: int, length: int) -> int:
+    if not -length <= position < length:
+        raise AttributionError(f"position {position} is outside the sequence of {length} tokens.")
+    return position % length
+
+
+def _hidden_mask(hidden: Any, d_sae: int) -> torch.Tensor | None:
+    if hidden is None:
+        return None
+    values = torch.as_tensor(np.asarray(hidden))
+    if values.dtype == torch.bool:
+        if values.shape != (d_sae,):
+            raise AttributionError(f"hidden mask has shape {tuple(values.shape)}; expected ({d_sae},).")
+        return values
+    mask = torch.zeros(d_sae, dtype=torch.bool)
+    mask[values.long().flatten()] = True
+    return mask
+
+
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
