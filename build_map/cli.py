@@ -191,6 +191,7 @@ def train_summary(run, cfg) -> str:
 
 # ---------------------------------------------------------------- entry point
 
+
 def add_build(subparsers: argparse._SubParsersAction) -> None:
     from build_map.cli_build import add_build as add
 
