@@ -19,7 +19,9 @@ from explorer.cli import load_shared
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("bundle")
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--feature", type=int, default=None, help="feature to steer (default: first visible)")

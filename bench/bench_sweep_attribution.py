@@ -103,10 +103,17 @@ def bench_attribution(engine: SteeringEngine, repeats: int) -> None:
         start = time.perf_counter()
         frame = attribute_token(engine.model, engine.sae, engine.hookpoint, ids, ids.shape[1] - 2, top_k=20)
         times.append(time.perf_counter() - start)
+    forward = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            engine.model(input_ids=ids[:, :-1])
+        forward.append(time.perf_counter() - start)
     target = engine.decode([frame.attrs["target_token"]])
     print(
         f"attribution of one token ({ids.shape[1]} tokens of context, {engine.sae.d_sae} features): "
-        f"median {statistics.median(times[1:]):.2f} s, first {times[0]:.2f} s (target <= 1 s); {load_average()}"
+        f"median {statistics.median(times[1:]):.2f} s, first {times[0]:.2f} s (target <= 1 s); "
+        f"a plain forward of the same tokens: {statistics.median(forward):.2f} s; {load_average()}"
     )
     print(
         f"  target {target!r} log p {frame.attrs['logprob']:.2f}; top features "
@@ -118,7 +125,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads (default: 1 when the load average is above the core count, where OpenMP's "
+        "spin-waiting made 2 threads 10-20x slower than 1 here; else torch's default)",
+    )  # fmt: skip
     args = parser.parse_args()
+    busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or (1 if busy else torch.get_num_threads()))
     start = time.perf_counter()
     loaded = load_model(device="cpu")
     print(f"model loaded in {time.perf_counter() - start:.1f} s; torch threads {torch.get_num_threads()}")

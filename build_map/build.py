@@ -266,6 +266,11 @@ def _manifest(cfg, loaded, sae, hookpoint, stats, corpus, project_cfg, cluster_c
     }
 
 
+def _model_spec(spec: str | None) -> str | None:
+    """Local folders and files as absolute paths, so the explorer finds them from anywhere."""
+    return str(Path(spec).resolve()) if spec is not None and Path(spec).exists() else spec
+
+
 def _package_versions() -> dict[str, str]:
     versions = {}
     for name in PACKAGES:

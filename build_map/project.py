@@ -32,6 +32,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from build_map.paths import cache_dir
 
@@ -105,7 +106,8 @@ def _exact_knn_unit(x: torch.Tensor, k: int, chunk: int | None) -> tuple[np.ndar
     rows = _knn_chunk_rows(n, chunk)
     indices = np.empty((n, k), dtype=np.int64)
     distances = np.empty((n, k), dtype=np.float32)
-    for start in range(0, n, rows):
+    starts = range(0, n, rows)
+    for start in tqdm(starts, desc="exact kNN", unit="chunk", disable=None if len(starts) > 8 else True):
         stop = min(start + rows, n)
         sim = x[start:stop] @ x.T  # (chunk, n)
         local = torch.arange(stop - start, device=x.device)

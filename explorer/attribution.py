@@ -11,6 +11,9 @@ scaled to zero at once (the error term and ``b_dec`` kept), i.e. ``d/dc log p(cÂ
 feature's attribution is the same for that feature alone. A positive score means the feature's
 presence raised the target's probability. It is a linear estimate: large ablations can differ.
 
+Steering composes: inside ``SteeringEngine.steered`` (whose hook was registered first, so it runs
+first) the features are read from the steered residual, explaining the steered model's choice.
+
 Layers before the hookpoint run without autograd (the graph starts at ``f``), so the cost is one
 forward plus a backward through the layers after the hookpoint.
 """
@@ -107,18 +110,20 @@ def _features_and_gradients(
         # keep no graph. no_grad's exit restores the previous mode whatever we set in between.
         torch.set_grad_enabled(True)
         hidden = output[0] if isinstance(output, tuple) else output
-        x = hidden[0].to(sae.W_enc.dtype)  # (seq, d_in)
+        x = hidden[0].to(sae.W_enc.device, sae.W_enc.dtype)  # (seq, d_in)
         f = sae.encode(x).detach().requires_grad_(True)
         error = (x - sae.decode(f)).detach()
         leaf.append(f)
-        replaced = (sae.decode(f) + error).to(hidden.dtype).unsqueeze(0)
+        replaced = (sae.decode(f) + error).to(hidden.device, hidden.dtype).unsqueeze(0)
         return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
 
     handle = resolve_hookpoint(model, hookpoint).register_forward_hook(hook)
     try:
         with torch.no_grad():
-            logits = model(input_ids=ids.to(_input_device(model)), use_cache=False).logits
-            logprobs = _at_least_fp32(logits[0, position]).log_softmax(-1)
+            logits = model(
+                input_ids=ids.to(_input_device(model)), use_cache=False, **_last_logits(model)
+            ).logits
+            logprobs = _at_least_fp32(logits[0, -1]).log_softmax(-1)  # ids end at ``position``
             target = int(logprobs.argmax()) if target_token is None else int(target_token)
             if not 0 <= target < logprobs.shape[0]:
                 raise AttributionError(
@@ -142,21 +147,25 @@ def feature_scaled_logprob(
     """log p(target at position) with every feature's activation multiplied by ``scale`` (d_sae,) at
     every position, the SAE error held constant: the reference the attributions linearise."""
     ids = _as_ids(input_ids)
+    position = _check_position(position, ids.shape[1])
+    ids = ids[:, : position + 1]
 
     def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
-        x = hidden.to(sae.W_enc.dtype)
+        x = hidden.to(sae.W_enc.device, sae.W_enc.dtype)
         f = sae.encode(x)
-        replaced = (sae.decode(f * scale.to(f)) + (x - sae.decode(f))).to(hidden.dtype)
+        replaced = (sae.decode(f * scale.to(f)) + (x - sae.decode(f))).to(hidden.device, hidden.dtype)
         return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
 
     handle = resolve_hookpoint(model, hookpoint).register_forward_hook(hook)
     try:
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(_input_device(model)), use_cache=False).logits
+            logits = model(
+                input_ids=ids.to(_input_device(model)), use_cache=False, **_last_logits(model)
+            ).logits
     finally:
         handle.remove()
-    return float(_at_least_fp32(logits[0, position]).log_softmax(-1)[target_token])
+    return float(_at_least_fp32(logits[0, -1]).log_softmax(-1)[target_token])
 
 
 def default_target(input_ids: torch.Tensor, position: int) -> int | None:
@@ -211,6 +220,12 @@ def _hidden_mask(hidden: Any, d_sae: int) -> torch.Tensor | None:
     mask = torch.zeros(d_sae, dtype=torch.bool)
     mask[values.long().flatten()] = True
     return mask
+
+
+def _last_logits(model: nn.Module) -> dict[str, int]:
+    """Ask for the last position's logits only where the model supports it (the unembedding of
+    every position is ~20% of a small model's forward)."""
+    return {"logits_to_keep": 1} if getattr(model, "_supports_logits_to_keep", lambda: False)() else {}
 
 
 def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:

@@ -55,11 +55,16 @@ _SCORE_CHUNK = 256  # reply tokens encoded at once (d_sae can be 65,536 wide)
 # ---------------------------------------------------------------- features active on a reply
 
 
+class _Captured(Exception):
+    """Raised by the capture hook to end a scoring forward pass at the hookpoint."""
+
+
 class ReplyFeatures:
     """Reads the hookpoint activations of a conversation and ranks SAE features on the reply.
 
     One forward hook, installed once at start-up (adding hooks while another thread runs the
-    model is not safe); it records only in a thread that asked for it, through a ContextVar.
+    model is not safe); it records only in a thread that asked for it, through a ContextVar, and
+    then ends that forward pass (the layers above the hookpoint are not needed).
     Score of a feature = sum over reply tokens of activation / max activation, i.e. "how many
     strongest firings' worth" (comparable across features, the unit of steering strengths).
     """
@@ -79,6 +84,7 @@ class ReplyFeatures:
         seen = self._capture.get()
         if seen is not None:
             seen.append(output if isinstance(output, torch.Tensor) else output[0])
+            raise _Captured  # the layers after the hookpoint are not needed: stop the forward here
 
     def top(self, messages: Sequence[dict], reply: str, n: int = N_REPLY_FEATURES) -> list[tuple[int, float]]:
         """[(feature, score)] of the ``n`` highest-scoring visible features on ``reply``."""
@@ -94,8 +100,12 @@ class ReplyFeatures:
         try:
             with torch.inference_mode():
                 self.engine.model(input_ids=ids)
+        except _Captured:
+            pass
         finally:
             self._capture.reset(token)
+        if not seen:
+            raise RuntimeError(f"the hookpoint {self.engine.hookpoint} did not run in the forward pass")
         hidden = seen[0][0, len(prompt_ids) :]  # (reply tokens, d_model)
         return self._rank(hidden, n)
 

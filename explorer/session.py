@@ -144,14 +144,23 @@ class Session:
 
         return sweep(self, features_or_recipe, prompts, strengths, **kwargs)
 
-    def attribute(self, messages_or_ids: Prompt, position: int = -1, **kwargs):
+    def attribute(
+        self,
+        messages_or_ids: Prompt,
+        position: int = -1,
+        edits: Sequence[Edit] = (),
+        multiplier: float = 1.0,
+        **kwargs: Any,
+    ):
         """``explorer.attribution.attribute_token`` on this session's model and SAE, hidden features
-        left out (see there). Chat messages / str are templated as for generation."""
+        left out (see there). Chat messages / str are templated as for generation (so position -1
+        explains the reply's first token); with ``edits`` the steered model is explained."""
         from explorer.attribution import attribute_token
 
         ids = torch.tensor([self.engine.prompt_ids(messages_or_ids)])
         kwargs.setdefault("hidden", self.bundle.features["hidden"].to_numpy(bool))
-        return attribute_token(self.model, self.sae, self.hookpoint, ids, position, **kwargs)
+        with self.engine.steered([tuple(edits)], multiplier):
+            return attribute_token(self.model, self.sae, self.hookpoint, ids, position, **kwargs)
 
     def close(self) -> None:
         """Finish running requests and remove the engine's hook from the model."""

@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from explorer.recipes import Recipe
-from explorer.steering import Edit, Prompt, SteeringEngine
+from explorer.steering import Edit, Prompt, SamplingConfig, SteeringEngine
 
 logger = logging.getLogger(__name__)
 
@@ -88,20 +88,23 @@ def sweep(
 
     ``session_or_engine``: an ``explorer.session.Session`` or a ``SteeringEngine`` (its model,
     tokenizer, SAE, hookpoint and scales are used). ``features_or_recipe``: feature id(s) (steered
-    as ``mode`` with strength 1 each), Edit(s), or a Recipe. ``batch_rows``: most rows per generate
-    call (default: all in one). Greedy decoding; ``seed`` seeds torch for anything stochastic."""
+    as ``mode`` with strength 1 each), Edit(s), or a Recipe (its edits and multiplier; its sampling
+    is not used). ``batch_rows``: most rows per generate call (default: all in one; lower it where
+    memory is short). Decoding is greedy; ``seed`` seeds torch for anything stochastic. Edits are
+    checked by the engine (hidden features, bounds) before anything is generated."""
     engine = _engine_of(session_or_engine)
     edits, base = sweep_edits(features_or_recipe, mode)
     strengths = _with_zero(strengths)
     if not prompts:
         raise SweepError("no prompts: give at least one prompt to sweep over.")
     prompt_ids = [engine.prompt_ids(p) for p in prompts]
-    budget, why = engine.prompt_budget(max_new_tokens)
-    for i, ids in enumerate(prompt_ids):
-        if not 0 < len(ids) <= budget:
-            raise SweepError(f"prompt {i} has {len(ids)} tokens; allowed are 1 to {budget} ({why}).")
+    for ids in prompt_ids:  # length, vocabulary and max_new_tokens, before any generation
+        engine.validate([], ids, SamplingConfig(max_new_tokens=max_new_tokens))
     rows = [(s, p) for s in strengths for p in range(len(prompts))]
     row_edits = [[Edit(e.feature, e.strength * base * s, e.mode) for e in edits] for s, _ in rows]
+    for strength in strengths:  # hidden features, bounds: refuse before any chunk is generated
+        scaled = [Edit(e.feature, e.strength * base * strength, e.mode) for e in edits]
+        engine.validate(scaled, prompt_ids[0], SamplingConfig(max_new_tokens=max_new_tokens))
     torch.manual_seed(seed)
     replies, finishes = generate_rows(
         engine, [prompt_ids[p] for _, p in rows], row_edits, max_new_tokens, batch_rows, progress
@@ -180,7 +183,7 @@ def _generate_chunk(
     from transformers import GenerationConfig
 
     model = engine.model
-    ids, mask = _pad(prompt_ids, engine.pad_id, left=True)
+    ids, mask = _left_pad(prompt_ids, engine.pad_id)
     device = model.get_input_embeddings().weight.device
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
@@ -206,55 +209,84 @@ def reread(
     features: Sequence[int],
 ) -> tuple[list[np.ndarray], list[float]]:
     """Unsteered re-read of prompt + reply: per row, each feature's mean activation over the reply
-    tokens / its max activation, and the mean log-probability of the reply tokens (NaN if empty)."""
-    sequences = [list(p) + list(r) for p, r in zip(prompt_ids, replies, strict=True)]
+    tokens / its max activation, and the mean log-probability of the reply tokens (NaN if empty).
+    Identical rows are read once (low strengths often leave the reply unchanged)."""
+    keys = [(tuple(p), tuple(r)) for p, r in zip(prompt_ids, replies, strict=True)]
+    unique = list(dict.fromkeys(keys))
     vocab = int(engine.model.config.vocab_size)
-    longest = max(len(s) for s in sequences)
+    longest = max(1, max(len(r) for _, r in unique))
     size = max(1, _LOGIT_BUDGET // (longest * vocab))
-    effects: list[np.ndarray] = []
-    coherence: list[float] = []
-    for start in range(0, len(sequences), size):
-        chunk = slice(start, start + size)
-        e, c = _reread_chunk(engine, sequences[chunk], [len(p) for p in prompt_ids[chunk]], features)
-        effects += e
-        coherence += c
-    return effects, coherence
+    measured: dict[tuple, tuple[np.ndarray, float]] = {}
+    for start in range(0, len(unique), size):
+        chunk = unique[start : start + size]
+        effects, coherence = _reread_chunk(engine, [p for p, _ in chunk], [r for _, r in chunk], features)
+        measured.update(zip(chunk, zip(effects, coherence, strict=True), strict=True))
+    return [measured[k][0] for k in keys], [measured[k][1] for k in keys]
 
 
 def _reread_chunk(
-    engine: SteeringEngine, sequences: list[list[int]], prompt_lengths: list[int], features: Sequence[int]
+    engine: SteeringEngine,
+    prompt_ids: Sequence[list[int]],
+    replies: Sequence[list[int]],
+    features: Sequence[int],
 ) -> tuple[list[np.ndarray], list[float]]:
-    model, sae = engine.model, engine.sae
-    ids, mask = _pad(sequences, engine.pad_id, left=False)  # right padding: positions as unpadded
-    device = model.get_input_embeddings().weight.device
-    captured: list[torch.Tensor] = []
-    module = model.get_submodule(engine.hookpoint)
-    handle = module.register_forward_hook(
-        lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out)
-    )
-    try:
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-    finally:
-        handle.remove()
-    hidden = captured[0]  # (rows, seq, d_model)
+    """One forward of rows laid out as [left pad | prompt | reply | right pad], so every reply
+    starts at the same column and logits are computed for reply positions only."""
+    sae = engine.sae
+    width, longest = max(len(p) for p in prompt_ids), max(1, max(len(r) for r in replies))
+    ids = torch.full((len(replies), width + longest), engine.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (prompt, reply) in enumerate(zip(prompt_ids, replies, strict=True)):
+        span = slice(width - len(prompt), width + len(reply))
+        ids[row, span] = torch.tensor(list(prompt) + list(reply), dtype=torch.long)
+        mask[row, span] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as if unpadded, like generate does
+    keep = torch.arange(width - 1, width + longest - 1)  # the logits that predict reply tokens
+    hidden, logits = _forward_with_capture(engine, ids, mask, position_ids, keep)
     index = torch.tensor(list(features), device=sae.W_enc.device)
     scale = engine.feature_scale[index.cpu()].numpy()
     effects, coherence = [], []
-    for row, (sequence, start) in enumerate(zip(sequences, prompt_lengths, strict=True)):
-        end = len(sequence)
-        if end == start:  # empty reply
+    for row, reply in enumerate(replies):
+        n = len(reply)
+        if n == 0:
             effects.append(np.full(len(features), math.nan))
             coherence.append(math.nan)
             continue
         with torch.inference_mode():
-            acts = sae.encode(hidden[row, start:end].to(sae.W_enc.device))[:, index].float()  # (n, F)
-            logprobs = logits[row, start - 1 : end - 1].float().log_softmax(-1)
-            target = ids[row, start:end].to(logprobs.device)
+            acts = sae.encode(hidden[row, width : width + n].to(sae.W_enc.device))[:, index].float()  # (n, F)
+            logprobs = logits[row, :n].float().log_softmax(-1)
+            target = torch.tensor(reply, device=logprobs.device)
             token_logprob = logprobs.gather(-1, target[:, None]).squeeze(-1)
         effects.append(acts.mean(0).cpu().numpy() / scale)
         coherence.append(float(token_logprob.mean()))
     return effects, coherence
+
+
+def _forward_with_capture(
+    engine: SteeringEngine,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    keep: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hookpoint output (rows, seq, d_model), logits at ``keep`` (rows, len(keep), vocab)), unsteered."""
+    model = engine.model
+    device = model.get_input_embeddings().weight.device
+    captured: list[torch.Tensor] = []
+    handle = model.get_submodule(engine.hookpoint).register_forward_hook(
+        lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out)
+    )
+    supported = getattr(model, "_supports_logits_to_keep", lambda: False)()
+    extra = {"logits_to_keep": keep.to(device)} if supported else {}
+    try:
+        with torch.inference_mode():
+            logits = model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
+                use_cache=False, **extra,
+            ).logits  # fmt: skip
+    finally:
+        handle.remove()
+    return captured[0], logits if supported else logits[:, keep.to(logits.device)]
 
 
 def repetition(tokens: Sequence[int]) -> float:
@@ -576,14 +608,13 @@ def _feature_id(item: Any) -> int:
     return int(item)
 
 
-def _pad(sequences: Sequence[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, sequence in enumerate(sequences):
-        span = slice(width - len(sequence), width) if left else slice(0, len(sequence))
-        ids[row, span] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, span] = 1
+        ids[row, width - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, width - len(sequence) :] = 1
     return ids, mask
 
 

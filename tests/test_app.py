@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+import torch
 from tiny_bundle import DEAD_FEATURE, HIDDEN_FEATURE, HTML_FEATURE, make_tiny_bundle
 
 from build_map.bundle import load_bundle
@@ -284,3 +285,25 @@ def test_cli_errors_are_clear(tmp_path, bundle_dir, capsys):
     finally:
         (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
     assert load_bundle(bundle_dir).manifest == manifest
+
+
+def test_reply_features_match_a_manual_encode(shared):
+    engine, reader = shared.engine, shared.reply_features
+    messages = [{"role": "user", "content": "hello, how are you today?"}]
+    reply = "fine, thanks. and you?"
+    prompt_ids = engine.prompt_ids(messages)
+    reply_ids = engine.tokenizer(reply, add_special_tokens=False)["input_ids"]
+    seen = []
+    handle = engine.model.get_submodule(engine.hookpoint).register_forward_hook(
+        lambda module, args, out: seen.append(out)
+    )
+    try:
+        with torch.no_grad():
+            engine.model(input_ids=torch.tensor([prompt_ids + reply_ids]))
+    finally:
+        handle.remove()
+    acts = engine.sae.encode(seen[0][0, len(prompt_ids) :]) / engine.feature_scale
+    scores = acts.sum(0)
+    scores[[HIDDEN_FEATURE, DEAD_FEATURE]] = 0
+    expected = [int(i) for i in scores.topk(5).indices if scores[i] > 0]
+    assert [f for f, _ in reader.top(messages, reply, n=5)] == expected

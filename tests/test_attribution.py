@@ -111,3 +111,19 @@ def test_no_gradient_left_on_the_model_and_no_hooks(model, sae, ids):
 def test_bad_position_is_refused(model, sae, ids, position):
     with pytest.raises(AttributionError, match="outside the sequence"):
         attribute_token(model, sae, HOOKPOINT, ids, position)
+
+
+def test_steering_composes(model, sae, ids, tiny_tokenizer):
+    from explorer.steering import Edit, SteeringEngine
+
+    engine = SteeringEngine(model, tiny_tokenizer, sae, HOOKPOINT, torch.ones(D_SAE))
+    try:
+        plain = attribute_token(model, sae, HOOKPOINT, ids, 5, top_k=D_SAE)
+        feature = int(plain[plain.activation > 0].feature.iloc[-1])  # a weak one, active at position 5
+        with engine.steered([[Edit(feature, 3.0)]]):
+            steered = attribute_token(model, sae, HOOKPOINT, ids, 5, top_k=D_SAE)
+    finally:
+        engine.close()
+    before = plain.set_index("feature").activation[feature]
+    after = steered.set_index("feature").activation[feature]
+    assert after == pytest.approx(before + 2 * 3.0, rel=1e-6)  # encoder reads 2 × the decoder row

@@ -136,3 +136,10 @@ def test_links_made_here_open_in_the_explorer(bundle):
     query = recipe_to_query(Recipe(tuple(EDITS), 2.0, SamplingConfig(seed=5)))
     link = parse_deep_link(parse_qs(query), bundle)
     assert link.edits == EDITS and not link.errors
+
+
+def test_session_attribution_leaves_hidden_features_out(session):
+    frame = session.attribute(PROMPT, top_k=N_FEATURES)
+    assert len(frame) > 0 and HIDDEN_FEATURE not in set(frame.feature)
+    steered = session.attribute(PROMPT, edits=[Edit(3, 2.0)], top_k=N_FEATURES)
+    assert 3 in set(steered.feature)

@@ -188,7 +188,7 @@ def test_cli_writes_parquet_png_html(tmp_path, capsys):
     out = tmp_path / "out"
     code = run_sweep_cli(
         [str(bundle), "--feature", "3", "--prompts", str(prompts), "--strengths", "0,1,...,2",
-         "--max-new-tokens", "4", "--out", str(out), "--device", "cpu", "--no-progress"]
+         "--max-new-tokens", "4", "--out", str(out), "--device", "cpu"]
     )  # fmt: skip
     assert code == 0
     table = pd.read_parquet(out / "sweep.parquet")
