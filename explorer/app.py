@@ -28,7 +28,9 @@ from build_map.bundle import Bundle
 from explorer.card import CSS, LinkedHTML, esc, feature_link, feature_name, render_card, set_or_trigger
 from explorer.chat import ChatPanel, ReplyFeatures
 from explorer.map_view import MapView
+from explorer.recipes import RecipeError, recipe_from_query
 from explorer.steering import MODES, Edit, SteeringEngine, SteeringLimits
+from explorer.tools_panel import ToolsPanel
 
 logger = logging.getLogger(__name__)
 
@@ -318,7 +320,11 @@ class ExplorerSession:
             self.edits.current,
             shared.reply_features,
             on_reply_features=lambda features: self.map.highlight("reply", features),
+            on_turn_done=lambda column, edits, multiplier: self.tools.show_reply(
+                column.messages, column.text, edits, multiplier
+            ),
         )
+        self.tools = ToolsPanel(self)
         self._wire()
         if query_args:
             self.apply_deep_link(query_args)
@@ -327,11 +333,12 @@ class ExplorerSession:
 
     def _wire(self) -> None:
         self.map.param.watch(lambda event: self.select(event.new), "selected")
-        for source in (self.card, self.search_results, self.edits, self.chat):
+        for source in (self.card, self.search_results, self.edits, self.chat, self.tools):
             source.param.watch(lambda event: self.select(event.new, focus=True), "clicked")
         self.add_button.on_click(lambda event: self.add_selected())
         self.search.param.watch(lambda event: self.run_search(event.new), "value_input")
         self.edits.param.watch(lambda event: self._update_add_button(), "count")
+        self.chat.clear_button.on_click(lambda event: self.tools.clear_attribution())
 
     # ------------------------------------------------------------ actions
 
@@ -344,6 +351,7 @@ class ExplorerSession:
         self.selected = int(feature)
         self.card.html = render_card(self.bundle, self.selected)
         self._update_add_button()
+        self.tools.selection_changed(self.selected)
         if focus and not bool(self.bundle.features.iloc[self.selected]["hidden"]):
             self.map.focus_on(self.selected)
 
@@ -366,10 +374,32 @@ class ExplorerSession:
         link = parse_deep_link(args, self.bundle, self.engine.limits)
         for edit in link.edits:
             self.edits.add(edit)
+        self._apply_link_settings(args)
         if link.edits:
             self.select(link.edits[0].feature, focus=True)
         self.show_notice(link.errors)
         return link
+
+    def _apply_link_settings(self, args: Mapping[str, Sequence[str | bytes]]) -> None:
+        """Multiplier and sampling of a link made by "Copy link" (recipe_to_query); the edits
+        themselves come from parse_deep_link, which reports bad ones one by one."""
+        keys = ("multiplier", "temperature", "top_p", "max_new_tokens", "seed")
+        if not any(key in args for key in keys):
+            return
+        settings = {key: args[key] for key in keys if key in args}
+        try:
+            recipe = recipe_from_query(settings, self.bundle)
+        except RecipeError as exc:
+            self.show_notice([f"Link settings ignored: {exc}"])
+            return
+        self.edits.multiplier.value = recipe.multiplier
+        chat = self.chat
+        if "temperature" in args:
+            chat.temperature.value = min(recipe.sampling.temperature, chat.temperature.end)
+        if "max_new_tokens" in args:
+            chat.max_new_tokens.value = recipe.sampling.max_new_tokens
+        if "seed" in args:
+            chat.seed.value = recipe.sampling.seed
 
     def show_notice(self, messages: Sequence[str]) -> None:
         self.notice.object = "".join(f'<div class="notice error">{esc(m)}</div>' for m in messages)
@@ -439,10 +469,26 @@ class ExplorerSession:
             _section("Edits"),
             units,
             self.edits.view(),
+            self.tools.recipe_view(),
+            pn.Card(
+                self.tools.sweep_view(),
+                title="Strength sweep (selected feature)",
+                collapsed=True,
+                sizing_mode="stretch_width",
+                margin=(4, 5),
+            ),
             _section("Chat: default | steered"),
             self.chat.view(),
+            pn.Card(
+                self.tools.attribution_view(),
+                title="Why this token? (last reply)",
+                collapsed=False,
+                sizing_mode="stretch_width",
+                margin=(4, 5),
+            ),
             width=STEER_COLUMN_WIDTH,
             sizing_mode="stretch_height",
+            scroll=True,
             css_classes=["steer-column"],
             styles={"border-left": "1px solid #d0d7de"},
         )

@@ -193,6 +193,7 @@ class ChatPanel(param.Parameterized):
         get_edits: Callable[[], tuple[list[Edit], float]],
         reply_features: ReplyFeatures | None = None,
         on_reply_features: Callable[[list[int]], None] | None = None,
+        on_turn_done: Callable[[ReplyColumn, list[Edit], float], None] | None = None,
         **params,
     ):
         super().__init__(**params)
@@ -200,6 +201,8 @@ class ChatPanel(param.Parameterized):
         self.get_edits = get_edits
         self.reply_features = reply_features
         self.on_reply_features = on_reply_features
+        self.on_turn_done = on_turn_done  # (last column, its edits, multiplier) after a turn ends
+        self.last_edits: tuple[list[Edit], float] = ([], 1.0)
         self.history_default: list[dict] = []
         self.history_steered: list[dict] = []
         self._streams: list[GenerationStream] = []
@@ -283,6 +286,7 @@ class ChatPanel(param.Parameterized):
         self.sent_at = time.perf_counter()
         self._doc = pn.state.curdoc
         edits, multiplier = self.get_edits()
+        self.last_edits = (list(edits), multiplier)
         user = {"role": "user", "content": text}
         if edits:
             columns = [
@@ -454,6 +458,13 @@ class ChatPanel(param.Parameterized):
         features = columns[-1].features
         if features is not None and self.on_reply_features is not None:
             self.on_reply_features([f for f, _ in features])
+        last = columns[-1]
+        if self.on_turn_done is not None and last.status != "error" and last.text.strip():
+            edits, multiplier = self.last_edits if last.name == "steered" else ([], 1.0)
+            try:
+                self.on_turn_done(last, edits, multiplier)
+            except Exception:
+                logger.exception("on_turn_done failed")
 
     # ------------------------------------------------------------ other controls
 

@@ -359,7 +359,7 @@ def _plot_png(frame: pd.DataFrame, path: Path, window: tuple[float, float] | Non
     from matplotlib.figure import Figure
 
     summary = sweep_summary(frame)
-    figure = Figure(figsize=(7, 4), dpi=120)
+    figure = Figure(figsize=(7, 4.4), dpi=120)
     ax = figure.subplots()
     right = ax.twinx()
     if window is not None:
@@ -373,7 +373,9 @@ def _plot_png(frame: pd.DataFrame, path: Path, window: tuple[float, float] | Non
     right.set_ylabel("coherence: mean log p per token", color="#d62728")
     ax.set_title(title)
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="best", fontsize=8)
+    ax.legend(
+        handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False
+    )
     figure.tight_layout()
     figure.savefig(path)
 
