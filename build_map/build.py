@@ -111,8 +111,9 @@ def build_bundle(cfg: BuildConfig, loaded: LoadedModel | None = None) -> BuildSu
     stage = _Stages()
     out = bundle_io.check_can_write(cfg.out, cfg.overwrite)
     with stage("load"):
+        sae = load_sae(cfg.sae)  # cheap, so a bad SAE file fails before the model loads
         loaded = loaded or load_model(cfg.model, device=cfg.device)
-        sae = load_sae(cfg.sae, device=loaded.device)
+        sae = sae.to(loaded.device)
         hookpoint = normalize_hookpoint(loaded.model, cfg.hookpoint or _sae_hookpoint(sae, loaded))
         check_matches_model(sae, d_model(loaded.model), hookpoint, source=cfg.sae)
         imported = read_label_file(cfg.labels, sae.d_sae) if cfg.labels else None

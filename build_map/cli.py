@@ -215,7 +215,23 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_export)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_build, add_demo, add_export]
+def add_sweep(subparsers: argparse._SubParsersAction) -> None:
+    # The sweep runs the steering engine, which lives in explorer/; only this CLI shell reaches
+    # into it (lazily), the build_map library never does.
+    from explorer.sweep import add_sweep_arguments, run_sweep
+
+    parser = subparsers.add_parser(
+        "sweep", parents=[common_options()], help="strength sweep: effect and coherence vs steering strength",
+        description="Generate at a range of strengths for a feature (or a recipe) and a prompt set; measure the "
+        "feature's effect and the reply's coherence under the unsteered model; write Parquet, PNG and HTML.",
+    )  # fmt: skip
+    add_sweep_arguments(parser)
+    parser.set_defaults(run=run_sweep)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_train, add_build, add_demo, add_export, add_sweep,
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except ValueError as exc:
-        if not type(exc).__module__.startswith("build_map"):
+        if not type(exc).__module__.startswith(("build_map", "explorer")):
             raise  # not one of ours: a bug, keep the traceback
         print(f"error: {exc}", file=sys.stderr)
         return ERROR_EXIT
