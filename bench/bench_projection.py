@@ -54,6 +54,7 @@ def synthetic_decoder(
     n_grouped = int(n * (1 - isolated))
     family = np.full(n, -1)
     family[:n_grouped] = rng.choice(n_families, size=n_grouped, p=weights / weights.sum())
+    family = rng.permutation(family)  # isolated rows anywhere, so any prefix is a fair subsample
     rows = np.empty((n, d), dtype=np.float32)
     for start in range(0, n, 8192):  # in blocks: one (n, d) noise array is enough memory
         stop = min(start + 8192, n)

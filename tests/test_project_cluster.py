@@ -12,8 +12,10 @@ from sklearn.metrics import adjusted_rand_score
 from build_map.cluster import ClusterConfig, auto_level_sizes, cluster_levels, cluster_parents, ward_merges
 from build_map.project import (
     ProjectConfig,
+    decoder_knn,
     ensure_numba_cache,
     exact_knn,
+    partitioned_knn,
     project_directions,
     reduce_directions,
     trustworthiness_sample,
@@ -73,20 +75,41 @@ def test_projection_is_finite_seeded_and_trustworthy(planted):
     np.testing.assert_allclose(again, xy, atol=1e-4)
 
 
-def test_projection_pca_path_keeps_groups_apart():
-    directions, groups = planted_decoder(d=256, seed=3)
-    xy = project_directions(directions, ProjectConfig(pca_dim=32, seed=0, n_epochs=100))
+def test_partitioned_knn_is_exact_with_all_candidates_and_near_exact_with_few():
+    directions, _ = planted_decoder(n_groups=8, per_group=80, d=128, seed=2)
+    ref_idx, ref_dist = exact_knn(directions, 10, device="cpu")
+    idx, dist = partitioned_knn(directions, 10, n_candidates=len(directions), bucket_size=32, pca_dim=16)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(dist, ref_dist, atol=1e-6)
+    idx, dist = partitioned_knn(directions, 10, n_candidates=160, bucket_size=32, pca_dim=16)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, ref_idx, strict=True)])
+    assert recall > 0.95 and not (idx == np.arange(len(idx))[:, None]).any()
+    assert (np.diff(dist, axis=1) >= 0).all()  # nearest first
+
+
+def test_partitioned_projection_keeps_groups_apart():
+    directions, groups = planted_decoder(n_groups=8, per_group=80, d=256, seed=3)
+    cfg = ProjectConfig(knn="partitioned", knn_candidates=128, pca_dim=16, n_epochs=100)
+    xy = project_directions(directions, cfg)
     assert np.isfinite(xy).all()
     assert trustworthiness_sample(directions, xy, k=10) > 0.9
     levels = cluster_levels(directions, xy, ClusterConfig())
     assert max(adjusted_rand_score(groups, lv) for lv in levels) >= 0.8
 
 
+def test_decoder_knn_for_feature_cards():
+    directions, groups = planted_decoder()
+    idx, dist = decoder_knn(directions, 10, ProjectConfig(device="cpu"))
+    assert idx.shape == dist.shape == (len(directions), 10)
+    assert (groups[idx] == groups[:, None]).mean() > 0.99  # neighbours come from the same group
+
+
 def test_reduce_directions_projects_unit_rows():
     x = np.random.default_rng(0).standard_normal((400, 300)).astype(np.float32)
-    reduced = reduce_directions(x, 20, device="cpu", fit_rows=100)
-    assert reduced.shape == (400, 20)
+    assert reduce_directions(x, 20, device="cpu").shape == (400, 20)
     assert reduce_directions(x, None, device="cpu").shape == (400, 300)
+    with pytest.raises(ValueError, match="knn"):
+        ProjectConfig(knn="annoy")
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 10, 16])
