@@ -139,7 +139,11 @@ def build_bundle(cfg: BuildConfig, loaded: LoadedModel | None = None) -> BuildSu
     with stage("clusters"):
         levels = cluster_levels(directions, xy, cluster_cfg)
         parents = cluster_parents(levels)
-        names = name_levels(features["label"].tolist(), levels, parents)
+        # Dead features' placeholder label must not name the regions they sit in.
+        live_labels = [
+            None if dead else label for label, dead in zip(features["label"], features["dead"], strict=True)
+        ]
+        names = name_levels(live_labels, levels, parents)
         features, clusters = _with_clusters(features, xy, levels, parents, names)
     title = cfg.title or f"{loaded.spec} · {hookpoint} · {sae.d_sae:,} SAE features"
     manifest = _manifest(cfg, loaded, sae, hookpoint, stats, corpus, project_cfg, cluster_cfg, trust)
