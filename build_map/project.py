@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 256 * 2**20  # memory for one block of the (chunk, n) similarity matrix
 KNN_METHODS = ("auto", "exact", "partitioned")
+INITS = ("auto", "spectral", "coarse_spectral", "pca")
+COARSE_INIT_MIN_ROWS = 16384
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,11 @@ class ProjectConfig:
     """PCA dimensions of the rows used for the k-means partition and handed to UMAP."""
     n_epochs: int | None = None
     """UMAP optimisation epochs; None lets umap-learn choose (200 for > 10,000 points, else 500)."""
-    init: str = "spectral"
-    """UMAP layout initialisation: "spectral" (keeps global structure best) or "pca" (faster)."""
+    init: str = "auto"
+    """UMAP layout initialisation: "spectral" (umap-learn's; its eigensolver can take minutes on
+    large, strongly clustered kNN graphs), "coarse_spectral" (the spectral layout of a graph of
+    ~n/64 k-means buckets, spread back to their rows; seconds), "pca", or "auto": spectral below
+    COARSE_INIT_MIN_ROWS rows, coarse_spectral from there."""
     seed: int | None = 0
     """Random seed; the same seed gives the same layout. None runs UMAP's optimiser on all cores
     but is not reproducible."""
@@ -76,6 +81,8 @@ class ProjectConfig:
             raise ValueError(f"ProjectConfig.metric={self.metric!r} is not supported; use 'cosine'")
         if self.knn not in KNN_METHODS:
             raise ValueError(f"ProjectConfig.knn={self.knn!r}; choose one of {KNN_METHODS}")
+        if self.init not in INITS:
+            raise ValueError(f"ProjectConfig.init={self.init!r}; choose one of {INITS}")
         if self.n_neighbors < 2:
             raise ValueError(f"ProjectConfig.n_neighbors={self.n_neighbors} must be >= 2")
 
@@ -329,16 +336,80 @@ def project_directions(directions: np.ndarray | torch.Tensor, cfg: ProjectConfig
                 "%d directions are too few for UMAP (n_neighbors=%d): PCA layout", x.shape[0], cfg.n_neighbors
             )
             return _small_layout(reduced)
-        knn = _with_self(*_knn(x, reduced, cfg.n_neighbors - 1, cfg, device))
+        indices, distances = _knn(x, reduced, cfg.n_neighbors - 1, cfg, device)
+        init = _initial_layout(indices, reduced, cfg)
         data = reduced.cpu().numpy()
     del x
     start = time.perf_counter()
-    xy = _umap_layout(data, knn, cfg)
+    xy = _umap_layout(data, _with_self(indices, distances), init, cfg)
     logger.info("UMAP layout: %.1f s", time.perf_counter() - start)
     return xy
 
 
-def _umap_layout(data: np.ndarray, knn: tuple[np.ndarray, np.ndarray], cfg: ProjectConfig) -> np.ndarray:
+def _initial_layout(indices: np.ndarray, reduced: torch.Tensor, cfg: ProjectConfig) -> str | np.ndarray:
+    """What UMAP starts from: umap-learn's init name, or our coarse spectral layout (n, 2)."""
+    init = cfg.init
+    if init == "auto":
+        init = "coarse_spectral" if len(indices) >= COARSE_INIT_MIN_ROWS else "spectral"
+    if init != "coarse_spectral":
+        return init
+    start = time.perf_counter()
+    coarse = torch.nn.functional.normalize(reduced, dim=1)
+    xy = coarse_spectral_layout(indices, coarse, max(3, len(indices) // 64), cfg.seed)
+    logger.info("coarse spectral init: %.1f s", time.perf_counter() - start)
+    return xy
+
+
+def coarse_spectral_layout(
+    indices: np.ndarray, coarse: torch.Tensor, n_buckets: int, seed: int | None
+) -> np.ndarray:
+    """A spectral initial layout (n, 2) from a coarsened kNN graph, in UMAP's [-10, 10] box.
+
+    Rows are grouped into ``n_buckets`` spherical k-means buckets of ``coarse`` (n, p unit rows);
+    buckets are linked by the kNN edges between their rows (``indices`` (n, k), self excluded),
+    plus weak links to their 5 most similar buckets so the graph is connected. The bucket
+    graph's two leading non-trivial eigenvectors place the buckets, as umap-learn's spectral
+    init would place rows; each row starts at its bucket, slightly jittered.
+    """
+    n = len(indices)
+    labels = np.unique(_spherical_kmeans(coarse, min(n_buckets, n), seed).cpu().numpy(), return_inverse=True)[
+        1
+    ]
+    n_buckets = int(labels.max()) + 1
+    rng = np.random.default_rng(seed)
+    if n_buckets < 3:
+        return rng.uniform(-10, 10, (n, 2)).astype(np.float32)
+    weights = np.zeros((n_buckets, n_buckets))
+    np.add.at(weights, (np.repeat(labels, indices.shape[1]), labels[indices.ravel()]), 1.0)
+    weights += weights.T
+    np.fill_diagonal(weights, 0.0)
+    weights += 1e-3 * max(weights.sum(1).mean(), 1.0) * _similar_buckets(coarse, labels, n_buckets)
+    scale = 1.0 / np.sqrt(weights.sum(1))
+    _, vectors = np.linalg.eigh(scale[:, None] * weights * scale[None, :])  # ascending eigenvalues
+    xy = vectors[:, [-2, -3]]  # the leading one is trivial (sqrt of the degrees)
+    xy *= np.sign(xy[np.abs(xy).argmax(0), [0, 1]])  # eigenvector signs are arbitrary: fix them
+    xy *= 10.0 / np.abs(xy).max()
+    spacing = np.median(np.sort(np.linalg.norm(xy[:, None] - xy[None], axis=-1), axis=1)[:, 1])
+    return (xy[labels] + rng.normal(scale=0.3 * spacing + 1e-4, size=(n, 2))).astype(np.float32)
+
+
+def _similar_buckets(coarse: torch.Tensor, labels: np.ndarray, n_buckets: int, k: int = 5) -> np.ndarray:
+    """Symmetric (B, B) links from each bucket to its k most similar by centroid, row sums ~1."""
+    sums = torch.zeros(n_buckets, coarse.shape[1], dtype=coarse.dtype, device=coarse.device)
+    sums.index_add_(0, torch.as_tensor(labels, device=coarse.device), coarse)
+    centroids = torch.nn.functional.normalize(sums, dim=1).cpu().double().numpy()
+    sim = centroids @ centroids.T
+    np.fill_diagonal(sim, -np.inf)
+    k = min(k, n_buckets - 1)
+    nearest = np.argsort(-sim, axis=1)[:, :k]
+    links = np.zeros_like(sim)
+    np.put_along_axis(links, nearest, 1.0 / k, axis=1)
+    return np.maximum(links, links.T)
+
+
+def _umap_layout(
+    data: np.ndarray, knn: tuple[np.ndarray, np.ndarray], init: str | np.ndarray, cfg: ProjectConfig
+) -> np.ndarray:
     ensure_numba_cache()
     import warnings
 
@@ -349,7 +420,7 @@ def _umap_layout(data: np.ndarray, knn: tuple[np.ndarray, np.ndarray], cfg: Proj
         min_dist=cfg.min_dist,
         metric="cosine",
         n_epochs=cfg.n_epochs,
-        init=cfg.init,
+        init=init,
         random_state=cfg.seed,
         n_jobs=1 if cfg.seed is not None else -1,  # a seeded UMAP is single-threaded anyway
         precomputed_knn=knn,
