@@ -26,10 +26,17 @@ Per-request edits are never global state: the hook reads a per-batch-row steerin
 ``ContextVar`` that the generating thread sets for the duration of its ``generate`` call, so every
 row of a batch (row 0 unsteered, row 1 steered, rows of other users) gets its own vector.
 
-Sampling: every row samples with its own ``torch.Generator`` seeded from the request's seed,
-one Gumbel noise vector per step. "Same seed" therefore means identical noise at every step: the
-default and steered rows of a pair (and a request run alone or inside any batch) draw exactly the
-same random numbers, so they differ only where the steering changes the logits.
+Sampling (``RowSampler``): Gumbel-max over the temperature / top-p filtered logits, with one
+uniform per vocabulary entry drawn at every step from a generator seeded by
+``noise_seed(request seed, step)``. "Same seed" therefore means identical noise on every token at
+every step: the default and steered rows of a pair (and a request run alone or inside any batch)
+draw exactly the same random numbers, so they differ only where the steering changes the logits.
+
+Batching: ``submit`` queues a request; a scheduler thread gathers the requests that arrive within
+``BatchingConfig.window_s`` (up to ``max_batch_rows`` rows) into one left-padded ``generate`` call
+in a worker thread. Batches are static: a request arriving while ``max_concurrent_batches``
+batches run waits for one of them to finish. Each request ends (and its consumer moves on) as soon
+as its own rows stop (end of turn, its max_new_tokens, or cancel).
 """
 
 from __future__ import annotations
