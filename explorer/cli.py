@@ -100,38 +100,17 @@ def check_sae_hash(bundle: Bundle, path: Path, explicit: bool) -> None:
 
 def load_shared(args: argparse.Namespace):
     """Bundle, model, SAE, engine: everything the sessions share."""
-    from build_map.models import d_model, load_model, normalize_hookpoint
-    from build_map.sae import load_sae
     from explorer.app import SharedState
     from explorer.chat import ReplyFeatures
-    from explorer.steering import SteeringEngine
+    from explorer.session import load_parts, make_engine
 
     bundle = load_bundle(args.bundle)
-    hookpoint = bundle.manifest.get("hookpoint")
-    if not hookpoint:
-        raise ExploreError(f"{bundle.path / 'manifest.json'} names no hookpoint; rebuild the bundle.")
-    path = sae_path(bundle, args.sae)
-    check_sae_hash(bundle, path, explicit=bool(args.sae))
-    loaded = load_model(model_spec(bundle, args.model), device=args.device, dtype=args.dtype)
-    hookpoint = normalize_hookpoint(loaded.model, hookpoint)
-    sae = load_sae(path, device=loaded.device, d_model=d_model(loaded.model), hookpoint=hookpoint)
-    if sae.d_sae != bundle.n_features:
-        raise ExploreError(
-            f"The SAE at {path} has {sae.d_sae} features but the bundle describes {bundle.n_features}; "
-            "pass the SAE this bundle was built from."
-        )
-    features = bundle.features
-    engine = SteeringEngine(
-        loaded.model,
-        loaded.tokenizer,
-        sae,
-        hookpoint,
-        feature_scale=features["max_act"].to_numpy(dtype="float32"),
-        hidden=features["hidden"].to_numpy(dtype=bool),
+    loaded, sae, hookpoint = load_parts(
+        bundle, device=args.device, dtype=args.dtype, model=args.model, sae=args.sae
     )
-    reply_features = ReplyFeatures(engine, bundle)
+    engine = make_engine(bundle, loaded, sae, hookpoint)
     title = f"SAE feature explorer — {bundle.path.name}"
-    return SharedState(bundle, engine, reply_features, title=title)
+    return SharedState(bundle, engine, ReplyFeatures(engine, bundle), title=title)
 
 
 def main(argv: list[str] | None = None) -> int:

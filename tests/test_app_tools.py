@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from urllib.parse import parse_qs
 
 import pytest
-from tiny_bundle import make_tiny_bundle
+from tiny_bundle import tiny_shared_state
 
 from explorer.app import ExplorerSession, parse_deep_link
-from explorer.cli import load_shared
 from explorer.steering import Edit
 
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    bundle_dir = make_tiny_bundle(tmp_path_factory.mktemp("tools"), real_map=False)
-    args = argparse.Namespace(bundle=str(bundle_dir), model=None, sae=None, device="cpu", dtype="auto")
-    state = load_shared(args)
-    yield state
-    state.reply_features.close()
-    state.engine.close()
+    with tiny_shared_state(tmp_path_factory.mktemp("tools")) as state:
+        yield state
 
 
 @pytest.fixture

@@ -8,6 +8,9 @@ dead, labels "apple …" / "Apricot …" for search.
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,8 @@ from conftest import TINY_D_MODEL, make_tiny_model, make_tiny_tokenizer
 
 from build_map.bundle import cluster_columns, write_bundle
 from build_map.sae import SAEConfig, SparseAutoencoder, file_sha256, save_sae
+from explorer.app import SharedState
+from explorer.cli import load_shared
 
 D_MODEL, N_FEATURES, HOOKPOINT = TINY_D_MODEL, 48, "model.layers.1"
 HTML_LABEL = '<script>alert("x")</script> & <b>bold</b>'
@@ -175,3 +180,16 @@ def make_tiny_bundle(root: Path, real_map: bool = True) -> Path:
         clusters=clusters,
         render_map=lambda folder: _render_map(features, folder, real_map),
     )
+
+
+@contextmanager
+def tiny_shared_state(root: Path) -> Iterator[SharedState]:
+    """The explorer's shared state (bundle, model, SAE, engine) over a fresh tiny bundle."""
+    args = argparse.Namespace(bundle=str(make_tiny_bundle(root, real_map=False)), model=None, sae=None,
+                              device="cpu", dtype="auto")  # fmt: skip
+    state = load_shared(args)
+    try:
+        yield state
+    finally:
+        state.reply_features.close()
+        state.engine.close()
