@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from build_map.corpus import CorpusConfig, token_sequences
+from build_map.hooks import scoped_forward_hook
 from build_map.models import LoadedModel, d_model, normalize_hookpoint, pick_dtype, resolve_hookpoint
 
 logger = logging.getLogger(__name__)
@@ -76,14 +77,11 @@ def cut_forward(
         captured.append(output[0] if isinstance(output, tuple) else output)
         raise _StopForward
 
-    handle = module.register_forward_hook(hook)
     try:
-        with torch.inference_mode():
+        with scoped_forward_hook(module, hook), torch.inference_mode():
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward:
         pass
-    finally:
-        handle.remove()
     if not captured:
         raise HarvestError(f"The model's forward pass never reached hookpoint {hookpoint!r}.")
     return captured[0]

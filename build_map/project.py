@@ -43,13 +43,17 @@ logger = logging.getLogger(__name__)
 _CHUNK_BYTES = 256 * 2**20  # memory for one block of the (chunk, n) similarity matrix
 KNN_METHODS = ("auto", "exact", "partitioned")
 INITS = ("auto", "spectral", "coarse_spectral", "pca")
-COARSE_INIT_MIN_ROWS = 16384
+LARGE_INIT_MIN_ROWS = 16384
+LARGE_EPOCHS = 150
 
 
 @dataclass(frozen=True)
 class ProjectConfig:
-    n_neighbors: int = 15
-    """UMAP neighbourhood size (kNN graph degree, counting the point itself)."""
+    n_neighbors: int = 30
+    """UMAP neighbourhood size (kNN graph degree, counting the point itself). 30 rather than
+    umap-learn's 15: decoder directions are noisy in thousands of dimensions, and the wider graph
+    keeps which families sit near which (trustworthiness of a 65,536 x 4,096 synthetic decoder:
+    0.85 at 30, 0.73 at 15; bench/bench_projection.py)."""
     min_dist: float = 0.1
     """UMAP minimum distance between points in the layout; smaller packs clusters tighter."""
     metric: str = "cosine"
@@ -64,12 +68,16 @@ class ProjectConfig:
     pca_dim: int = 64
     """PCA dimensions of the rows used for the k-means partition and handed to UMAP."""
     n_epochs: int | None = None
-    """UMAP optimisation epochs; None lets umap-learn choose (200 for > 10,000 points, else 500)."""
+    """UMAP optimisation epochs. None: LARGE_EPOCHS from LARGE_INIT_MIN_ROWS rows (after a PCA init
+    they reach the trustworthiness of umap-learn's 200 and save a quarter of the layout time),
+    else umap-learn's choice (500 below 10,000 rows, 200 above)."""
     init: str = "auto"
     """UMAP layout initialisation: "spectral" (umap-learn's; its eigensolver can take minutes on
     large, strongly clustered kNN graphs), "coarse_spectral" (the spectral layout of a graph of
-    ~n/64 k-means buckets, spread back to their rows; seconds), "pca", or "auto": spectral below
-    COARSE_INIT_MIN_ROWS rows, coarse_spectral from there."""
+    ~n/64 k-means buckets, spread back to their rows; seconds), "pca" (the rows' first two
+    principal components; instant), or "auto": spectral below LARGE_INIT_MIN_ROWS rows, pca from
+    there (on 32k-65k synthetic decoders pca gave trustworthiness 0.85 against 0.83-0.84 for
+    coarse_spectral and 0.74 for spectral)."""
     seed: int | None = 0
     """Random seed; the same seed gives the same layout. None runs UMAP's optimiser on all cores
     but is not reproducible."""
@@ -350,7 +358,7 @@ def _initial_layout(indices: np.ndarray, reduced: torch.Tensor, cfg: ProjectConf
     """What UMAP starts from: umap-learn's init name, or our coarse spectral layout (n, 2)."""
     init = cfg.init
     if init == "auto":
-        init = "coarse_spectral" if len(indices) >= COARSE_INIT_MIN_ROWS else "spectral"
+        init = "pca" if len(indices) >= LARGE_INIT_MIN_ROWS else "spectral"
     if init != "coarse_spectral":
         return init
     start = time.perf_counter()
@@ -419,7 +427,7 @@ def _umap_layout(
         n_neighbors=cfg.n_neighbors,
         min_dist=cfg.min_dist,
         metric="cosine",
-        n_epochs=cfg.n_epochs,
+        n_epochs=cfg.n_epochs or (LARGE_EPOCHS if len(data) >= LARGE_INIT_MIN_ROWS else None),
         init=init,
         random_state=cfg.seed,
         n_jobs=1 if cfg.seed is not None else -1,  # a seeded UMAP is single-threaded anyway

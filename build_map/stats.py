@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from build_map.harvest import iter_activation_batches
 from build_map.models import LoadedModel, d_model, normalize_hookpoint
-from build_map.project import exact_knn
+from build_map.project import ProjectConfig, decoder_knn
 from build_map.sae import SparseAutoencoder, check_matches_model
 
 logger = logging.getLogger(__name__)
@@ -431,7 +431,10 @@ def _feature_rows(loaded, sae, state: _State, corpus: _Corpus, cfg: StatsConfig,
     top_value = torch.where(state.top.loc >= 0, state.top.value, -math.inf).amax(1).float().cpu()
     max_act = torch.where(dead, torch.zeros(()), top_value)
     top_logits, bottom_logits = logit_lens(loaded.model, sae.W_dec, cfg.logit_k, decoder)
-    neighbors, _ = exact_knn(sae.W_dec.detach(), cfg.n_neighbors, device=str(sae.W_dec.device))
+    # Exact on a GPU or for small SAEs; the map's near-exact partitioned search for large ones on a
+    # CPU (an exact search of 65,536 x 4,096 there takes ~10 minutes).
+    knn_cfg = ProjectConfig(device=str(sae.W_dec.device))
+    neighbors, _ = decoder_knn(sae.W_dec.detach(), cfg.n_neighbors, knn_cfg)
     return pd.DataFrame(
         {
             "feature": np.arange(sae.d_sae, dtype=np.int32),

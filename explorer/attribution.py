@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from build_map.hooks import scoped_forward_hook
 from build_map.models import resolve_hookpoint
 from build_map.sae import SparseAutoencoder
 
@@ -117,21 +118,15 @@ def _features_and_gradients(
         replaced = (sae.decode(f) + error).to(hidden.device, hidden.dtype).unsqueeze(0)
         return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
 
-    handle = resolve_hookpoint(model, hookpoint).register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            logits = model(
-                input_ids=ids.to(_input_device(model)), use_cache=False, **_last_logits(model)
-            ).logits
-            logprobs = _at_least_fp32(logits[0, -1]).log_softmax(-1)  # ids end at ``position``
-            target = int(logprobs.argmax()) if target_token is None else int(target_token)
-            if not 0 <= target < logprobs.shape[0]:
-                raise AttributionError(
-                    f"target_token {target} is outside the vocabulary (0 to {logprobs.shape[0] - 1})."
-                )
-            (grads,) = torch.autograd.grad(logprobs[target], leaf[0])
-    finally:
-        handle.remove()
+    with scoped_forward_hook(resolve_hookpoint(model, hookpoint), hook), torch.no_grad():
+        logits = model(input_ids=ids.to(_input_device(model)), use_cache=False, **_last_logits(model)).logits
+        logprobs = _at_least_fp32(logits[0, -1]).log_softmax(-1)  # ids end at ``position``
+        target = int(logprobs.argmax()) if target_token is None else int(target_token)
+        if not 0 <= target < logprobs.shape[0]:
+            raise AttributionError(
+                f"target_token {target} is outside the vocabulary (0 to {logprobs.shape[0] - 1})."
+            )
+        (grads,) = torch.autograd.grad(logprobs[target], leaf[0])
     return leaf[0].detach(), grads.detach(), float(logprobs[target].detach()), target
 
 
@@ -157,14 +152,8 @@ def feature_scaled_logprob(
         replaced = (sae.decode(f * scale.to(f)) + (x - sae.decode(f))).to(hidden.device, hidden.dtype)
         return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
 
-    handle = resolve_hookpoint(model, hookpoint).register_forward_hook(hook)
-    try:
-        with torch.inference_mode():
-            logits = model(
-                input_ids=ids.to(_input_device(model)), use_cache=False, **_last_logits(model)
-            ).logits
-    finally:
-        handle.remove()
+    with scoped_forward_hook(resolve_hookpoint(model, hookpoint), hook), torch.inference_mode():
+        logits = model(input_ids=ids.to(_input_device(model)), use_cache=False, **_last_logits(model)).logits
     return float(_at_least_fp32(logits[0, -1]).log_softmax(-1)[target_token])
 
 

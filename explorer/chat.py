@@ -18,7 +18,6 @@ to ``on_reply_features`` (the app lights them up on the map). They are read with
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import html
 import logging
 import threading
@@ -31,6 +30,7 @@ import param
 import torch
 
 from build_map.bundle import Bundle
+from build_map.hooks import install_dispatch, scoped_forward_hook
 from build_map.models import resolve_hookpoint
 from explorer.card import CSS, LinkedHTML, render_chips, set_or_trigger
 from explorer.steering import (
@@ -62,9 +62,9 @@ class _Captured(Exception):
 class ReplyFeatures:
     """Reads the hookpoint activations of a conversation and ranks SAE features on the reply.
 
-    One forward hook, installed once at start-up (adding hooks while another thread runs the
-    model is not safe); it records only in a thread that asked for it, through a ContextVar, and
-    then ends that forward pass (the layers above the hookpoint are not needed).
+    Records through a scoped forward hook (``build_map.hooks``: only this thread's forward pass,
+    no hook added while other threads generate), then ends that forward pass (the layers above
+    the hookpoint are not needed).
     Score of a feature = sum over reply tokens of activation / max activation, i.e. "how many
     strongest firings' worth" (comparable across features, the unit of steering strengths).
     """
@@ -74,17 +74,8 @@ class ReplyFeatures:
         self.excluded = torch.as_tensor(
             bundle.features["hidden"].to_numpy(bool) | bundle.features["dead"].to_numpy(bool)
         )
-        self._capture: contextvars.ContextVar[list | None] = contextvars.ContextVar(
-            f"reply_capture_{id(self)}", default=None
-        )
-        module = resolve_hookpoint(engine.model, engine.hookpoint)
-        self._hook = module.register_forward_hook(self._record)
-
-    def _record(self, module, args, output) -> None:
-        seen = self._capture.get()
-        if seen is not None:
-            seen.append(output if isinstance(output, torch.Tensor) else output[0])
-            raise _Captured  # the layers after the hookpoint are not needed: stop the forward here
+        self._module = resolve_hookpoint(engine.model, engine.hookpoint)
+        install_dispatch(self._module)  # now, not while other threads run the model
 
     def top(self, messages: Sequence[dict], reply: str, n: int = N_REPLY_FEATURES) -> list[tuple[int, float]]:
         """[(feature, score)] of the ``n`` highest-scoring visible features on ``reply``."""
@@ -96,14 +87,16 @@ class ReplyFeatures:
             [prompt_ids + reply_ids], device=self.engine.model.get_input_embeddings().weight.device
         )
         seen: list = []
-        token = self._capture.set(seen)
+
+        def record(_module, _args, output) -> None:
+            seen.append(output if isinstance(output, torch.Tensor) else output[0])
+            raise _Captured  # the layers after the hookpoint are not needed: stop the forward here
+
         try:
-            with torch.inference_mode():
+            with scoped_forward_hook(self._module, record), torch.inference_mode():
                 self.engine.model(input_ids=ids)
         except _Captured:
             pass
-        finally:
-            self._capture.reset(token)
         if not seen:
             raise RuntimeError(f"the hookpoint {self.engine.hookpoint} did not run in the forward pass")
         hidden = seen[0][0, len(prompt_ids) :]  # (reply tokens, d_model)
@@ -127,9 +120,6 @@ class ReplyFeatures:
         lock = getattr(self.engine, "_tokenizer_lock", None) or contextlib.nullcontext()
         with lock:
             return list(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def close(self) -> None:
-        self._hook.remove()
 
 
 # ---------------------------------------------------------------- one reply column

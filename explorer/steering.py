@@ -57,6 +57,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from build_map.hooks import install_dispatch
 from build_map.models import normalize_hookpoint, resolve_hookpoint
 from build_map.sae import SparseAutoencoder
 
@@ -639,7 +640,12 @@ class SteeringEngine:
         self._active: contextvars.ContextVar[BatchSteering | None] = contextvars.ContextVar(
             f"steering_{id(self)}", default=None
         )
-        self._hook = self._module.register_forward_hook(self._steer_hook)
+        # First among the module's hooks, so observers (attribution, reply scoring) see the steered
+        # residual stream whatever order the hooks were added in.
+        self._hook = self._module.register_forward_hook(self._steer_hook, prepend=True)
+        # Attribution, sweeps and reply scoring hook this module per request: install their
+        # dispatcher now, never while other threads are generating (build_map.hooks).
+        install_dispatch(self._module)
         self._tokenizer_lock = threading.Lock()
         self._jobs: deque[_Job] = deque()
         self._cond = threading.Condition()

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from build_map.hooks import scoped_forward_hook
 from explorer.recipes import Recipe
 from explorer.steering import Edit, Prompt, SamplingConfig, SteeringEngine
 
@@ -273,19 +274,17 @@ def _forward_with_capture(
     model = engine.model
     device = model.get_input_embeddings().weight.device
     captured: list[torch.Tensor] = []
-    handle = model.get_submodule(engine.hookpoint).register_forward_hook(
-        lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out)
-    )
+
+    def capture(_module: Any, _args: Any, out: Any) -> None:
+        captured.append(out[0] if isinstance(out, tuple) else out)
+
     supported = getattr(model, "_supports_logits_to_keep", lambda: False)()
     extra = {"logits_to_keep": keep.to(device)} if supported else {}
-    try:
-        with torch.inference_mode():
-            logits = model(
-                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
-                use_cache=False, **extra,
-            ).logits  # fmt: skip
-    finally:
-        handle.remove()
+    with scoped_forward_hook(model.get_submodule(engine.hookpoint), capture), torch.inference_mode():
+        logits = model(
+            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
+            use_cache=False, **extra,
+        ).logits  # fmt: skip
     return captured[0], logits if supported else logits[:, keep.to(logits.device)]
 
 

@@ -28,7 +28,6 @@ def shared(bundle_dir):
     args = argparse.Namespace(bundle=str(bundle_dir), model=None, sae=None, device="cpu", dtype="auto")
     state = load_shared(args)
     yield state
-    state.reply_features.close()
     state.engine.close()
 
 

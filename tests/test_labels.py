@@ -35,13 +35,18 @@ def _example(feature, words, focus, act=2.0, bucket="top", rank=0):
 
 @pytest.fixture
 def tables():
-    """Feature 0 fires on food words, 1 on "thanks", 2 on " the" (which every feature's context has),
+    """Feature 0 fires on food words (its context holds the words it promotes), 1 on "thanks", 2 on " the" (which every feature's context has),
     3 is dead, the others fire on the byte-level newline/space markers and plain words."""
     rows = []
     for rank, word in enumerate(["Ġpizza", " pasta", " pizza"]):
-        rows.append(_example(0, ["I", " like", " the", word, " a", " lot"], 3, act=3.0 - rank, rank=rank))
+        words = ["I", " like", " the", word, " food", " we", " eat"]
+        rows.append(_example(0, words, 3, act=3.0 - rank, rank=rank))
     for rank in range(3):
-        rows.append(_example(1, ["Well", " thanks", " for", " the", " help"], 1, act=2.0, rank=rank))
+        rows.append(
+            _example(
+                1, ["Well", " thanks", " for", " the", " help", " you", " welcome"], 1, act=2.0, rank=rank
+            )
+        )
     for rank in range(3):
         rows.append(_example(2, ["on", " the", " mat"], 1, act=1.0, rank=rank))
     for feature in range(4, N):
@@ -85,6 +90,19 @@ def test_auto_labels_prefer_specific_tokens(tables):
     common["acts"] = [[0.0, 1.0, 1.0, 0.0]] * len(common)  # fires on " wordN" and " the" equally
     labels = auto_labels(features[features["feature"] >= 4].reset_index(drop=True), common)
     assert all(label.startswith(f"'word{i}'") for i, label in zip(range(4, N), labels, strict=True))
+
+
+def test_auto_labels_show_whole_words_and_skip_logit_fragments(tables):
+    """A feature firing on the piece "strugg" of " struggle" reads 'struggle'; logit-lens tokens that
+    never occur as words ("outheastern") stay out of the label, real words ("eat") stay in."""
+    features, examples = tables
+    pieces = ["I", " strugg", "le", " to", " eat", "<|im_end|>", "Ċ", "Good"]
+    rows = [{**_example(0, pieces, 1, act=4.0), "acts": [0.0, 4.0, 1.0, 0, 0, 0, 0, 0]}]
+    rows.append({**_example(1, pieces, 7, act=2.0), "acts": [0, 0, 0, 0, 0, 1.0, 0, 2.0]})
+    features = features.iloc[:2].assign(top_logits=[["outheastern", " eat", "unittest"], ["outheastern"]])
+    labels = auto_labels(features, pd.DataFrame(rows))
+    assert labels[0] == "'struggle' → eat", labels
+    assert labels[1].startswith("'Good'") and "→" not in labels[1] and "im_end" not in labels[1], labels
 
 
 def test_clean_label_strips_controls_and_caps():

@@ -191,5 +191,4 @@ def tiny_shared_state(root: Path) -> Iterator[SharedState]:
     try:
         yield state
     finally:
-        state.reply_features.close()
         state.engine.close()
