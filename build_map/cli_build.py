@@ -13,7 +13,7 @@ from build_map.cli import add_config_argument, common_options, count, source_lis
 logger = logging.getLogger(__name__)
 
 DEMO_STATS_TOKENS = 100_000
-_DEMO_BUNDLE_VERSION = "2"  # bump when the builder's output changes, to rebuild cached demo bundles
+_DEMO_BUNDLE_VERSION = "3"  # bump when the builder's output changes, to rebuild cached demo bundles
 
 
 def add_build(subparsers: argparse._SubParsersAction) -> None:

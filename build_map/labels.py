@@ -152,8 +152,13 @@ def _example_words(examples_df: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
     ]
     feature = np.repeat(frame["feature"].to_numpy(np.int64), lengths)[word_start[active]]
     words = pd.DataFrame({"feature": feature, "text": texts, "weight": word_weight[active]})
-    single = word_start[word_end - word_start == 1]
-    known = {str(t).lower() for t in shown[np.unique(codes[single])]} | {t.lower() for t in texts}
+    # Known words: whole single-token words and the active words, away from the window edges (an
+    # example window can start or end inside a word: "acific" of " Pacific" is no word).
+    ends = np.cumsum(lengths)
+    inner = ~np.isin(word_start, starts) & ~np.isin(word_end, ends)
+    single = word_start[(word_end - word_start == 1) & inner]
+    known = {str(t).lower() for t in shown[np.unique(codes[single])]}
+    known |= {t.lower() for t, keep in zip(texts, inner[active].tolist(), strict=True) if keep}
     return words[words["text"] != ""], known
 
 
@@ -187,12 +192,14 @@ def _characteristic_words(words: pd.DataFrame, limit: int = 3) -> dict[int, list
 
 
 def _wordy(tokens: Iterable[str] | None, known: set[str], limit: int = 3) -> list[str]:
-    """Logit-lens tokens worth showing: whole words seen in the examples, deduplicated."""
+    """Logit-lens tokens worth showing: whole words of two or more characters seen in the
+    examples, deduplicated."""
     shown: list[str] = []
     for token in list(tokens) if tokens is not None else []:
         text = label_token(token)
         lower = text.lower()
-        if lower in known and any(ch.isalnum() for ch in text) and lower not in (s.lower() for s in shown):
+        wordlike = len(text) > 1 and any(ch.isalnum() for ch in text)
+        if wordlike and lower in known and lower not in (s.lower() for s in shown):
             shown.append(text)
         if len(shown) == limit:
             break

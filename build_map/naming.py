@@ -23,6 +23,7 @@ import numpy as np
 from scipy import sparse
 
 WORD = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*")
+AUTO_LABEL_COUNTER = re.compile(r"\s·\d+$")  # "'of' ·7": automatic labels made unique, not a topic
 
 # Words that carry no topic in feature labels ("References to ...", "Tokens in ...").
 LABEL_BOILERPLATE = frozenset(
@@ -114,7 +115,7 @@ def _index_labels(labels: Sequence[object]) -> _LabelIndex:
     for i, label in enumerate(labels):
         if not isinstance(label, str):  # None, NaN: no terms
             continue
-        words = WORD.findall(label)
+        words = WORD.findall(AUTO_LABEL_COUNTER.sub("", label))
         for word in words:
             spellings.setdefault(word.lower(), Counter())[word] += 1
         terms: set[str] = set()

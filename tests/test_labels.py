@@ -39,12 +39,12 @@ def tables():
     3 is dead, the others fire on the byte-level newline/space markers and plain words."""
     rows = []
     for rank, word in enumerate(["Ġpizza", " pasta", " pizza"]):
-        words = ["I", " like", " the", word, " food", " we", " eat"]
+        words = ["I", " like", " the", word, " food", " we", " eat", " now"]
         rows.append(_example(0, words, 3, act=3.0 - rank, rank=rank))
     for rank in range(3):
         rows.append(
             _example(
-                1, ["Well", " thanks", " for", " the", " help", " you", " welcome"], 1, act=2.0, rank=rank
+                1, ["Well", " thanks", " for", " the", " you", " welcome", " help"], 1, act=2.0, rank=rank
             )
         )
     for rank in range(3):
@@ -94,12 +94,15 @@ def test_auto_labels_prefer_specific_tokens(tables):
 
 def test_auto_labels_show_whole_words_and_skip_logit_fragments(tables):
     """A feature firing on the piece "strugg" of " struggle" reads 'struggle'; logit-lens tokens that
-    never occur as words ("outheastern") stay out of the label, real words ("eat") stay in."""
+    never occur as words ("outheastern", or "acific" seen only where a window cuts " Pacific")
+    stay out of the label, real words ("eat") stay in."""
     features, examples = tables
-    pieces = ["I", " strugg", "le", " to", " eat", "<|im_end|>", "Ċ", "Good"]
-    rows = [{**_example(0, pieces, 1, act=4.0), "acts": [0.0, 4.0, 1.0, 0, 0, 0, 0, 0]}]
-    rows.append({**_example(1, pieces, 7, act=2.0), "acts": [0, 0, 0, 0, 0, 1.0, 0, 2.0]})
-    features = features.iloc[:2].assign(top_logits=[["outheastern", " eat", "unittest"], ["outheastern"]])
+    pieces = ["acific", " I", " strugg", "le", " to", " eat", "<|im_end|>", "Ċ", "Good", "."]
+    rows = [{**_example(0, pieces, 2, act=4.0), "acts": [0, 0, 4.0, 1.0, 0, 0, 0, 0, 0, 0]}]
+    rows.append({**_example(1, pieces, 8, act=2.0), "acts": [0, 0, 0, 0, 0, 0, 1.0, 0, 2.0, 0]})
+    features = features.iloc[:2].assign(
+        top_logits=[["acific", "outheastern", " eat"], ["outheastern", "acific"]]
+    )
     labels = auto_labels(features, pd.DataFrame(rows))
     assert labels[0] == "'struggle' → eat", labels
     assert labels[1].startswith("'Good'") and "→" not in labels[1] and "im_end" not in labels[1], labels

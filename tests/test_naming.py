@@ -80,3 +80,10 @@ def test_many_clusters_get_distinct_names_quickly():
     ids = rng.integers(0, 200, 3000)
     names = name_clusters(labels, ids)
     assert len(names) == len(np.unique(ids)) and len({n.lower() for n in names.values()}) == len(names)
+
+
+def test_auto_label_counters_are_not_topics():
+    """Labels made unique with " ·N" counters do not name the cluster after the counter."""
+    labels = [f"'lot' ·{i}" for i in range(2, 8)] + ["'pizza' → eat", "'pasta' → eat", "'bread' → eat"]
+    names = name_clusters(labels, np.array([0] * 6 + [1] * 3))
+    assert names[0] == "lot" and not any(ch.isdigit() for ch in " ".join(names.values())), names
