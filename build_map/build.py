@@ -21,7 +21,14 @@ import pandas as pd
 from build_map import bundle as bundle_io
 from build_map.cluster import ClusterConfig, cluster_levels, cluster_parents
 from build_map.corpus import CorpusConfig, token_sequences
-from build_map.labels import apply_labels, auto_labels, llm_labels, read_hide_file, read_label_file
+from build_map.labels import (
+    apply_labels,
+    auto_labels,
+    llm_labels,
+    read_hide_file,
+    read_label_file,
+    topic_words,
+)
 from build_map.models import LoadedModel, d_model, load_model, normalize_hookpoint
 from build_map.naming import name_levels
 from build_map.project import ProjectConfig, project_directions, trustworthiness_sample
@@ -141,7 +148,10 @@ def build_bundle(cfg: BuildConfig, loaded: LoadedModel | None = None) -> BuildSu
         parents = cluster_parents(levels)
         # Dead features' placeholder label must not name the regions they sit in.
         live_labels = [
-            None if dead else label for label, dead in zip(features["label"], features["dead"], strict=True)
+            None if dead else topic_words(label, source)
+            for label, source, dead in zip(
+                features["label"], features["label_source"], features["dead"], strict=True
+            )
         ]
         names = name_levels(live_labels, levels, parents)
         features, clusters = _with_clusters(features, xy, levels, parents, names)

@@ -16,6 +16,7 @@ import re
 import unicodedata
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -152,13 +153,16 @@ def _example_words(examples_df: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
     ]
     feature = np.repeat(frame["feature"].to_numpy(np.int64), lengths)[word_start[active]]
     words = pd.DataFrame({"feature": feature, "text": texts, "weight": word_weight[active]})
-    # Known words: whole single-token words and the active words, away from the window edges (an
-    # example window can start or end inside a word: "acific" of " Pacific" is no word).
+    # Known words: whole single-token words after a space, and the active words, away from the
+    # window edges (a window can start or end inside a word: "acific" of " Pacific" is no word;
+    # "ing" after a hyphen is no word either).
     ends = np.cumsum(lengths)
     inner = ~np.isin(word_start, starts) & ~np.isin(word_end, ends)
-    single = word_start[(word_end - word_start == 1) & inner]
-    known = {str(t).lower() for t in shown[np.unique(codes[single])]}
-    known |= {t.lower() for t, keep in zip(texts, inner[active].tolist(), strict=True) if keep}
+    spaced = np.array([str(t).translate(_MARKERS)[:1].isspace() for t in raw], dtype=bool)
+    single = word_start[(word_end - word_start == 1) & inner & spaced[codes[word_start]]]
+    seen = Counter(str(t).lower() for t in shown[codes[single]])
+    seen.update(t.lower() for t, keep in zip(texts, inner[active].tolist(), strict=True) if keep)
+    known = {word for word, count in seen.items() if count >= 2}  # typos and odd splits occur once
     return words[words["text"] != ""], known
 
 
@@ -204,6 +208,12 @@ def _wordy(tokens: Iterable[str] | None, known: set[str], limit: int = 3) -> lis
         if len(shown) == limit:
             break
     return shown
+
+
+def topic_words(label: str, source: str) -> str:
+    """The part of a label that says what a feature is about, for naming clusters: an automatic
+    label's activating words ("'pizza' / 'pasta'", not the noisier logit-lens side after "→")."""
+    return label.split(" → ", 1)[0] if source == AUTO else label
 
 
 def _label_variants(fires_on: list[str], promotes: list[str]) -> Iterator[str]:

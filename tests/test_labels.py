@@ -280,3 +280,10 @@ def test_llm_endpoint_errors_are_clear(tables, fake_endpoint):
         llm_labels(*tables, url=fake_endpoint, model="m", features=[0])
     with pytest.raises(LLMLabelError, match="cannot be reached"):
         llm_labels(*tables, url="http://127.0.0.1:9/v1", model="m", features=[0], timeout=2)
+
+
+def test_topic_words_keep_the_activating_side_of_auto_labels():
+    from build_map.labels import AUTO, IMPORTED, topic_words
+
+    assert topic_words("'pizza' / 'pasta' → food, eat", AUTO) == "'pizza' / 'pasta'"
+    assert topic_words("Italian food → recipes", IMPORTED) == "Italian food → recipes"
