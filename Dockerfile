@@ -31,6 +31,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     SAE_MAP_CACHE=/app/cache
 
 # make + npm: the same install steps as the Makefile (npm ci for the map's JS, no CDN).
+# Unpinned on purpose: the versions are those of the base image's Debian release.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends make nodejs npm \
     && rm -rf /var/lib/apt/lists/*

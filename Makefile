@@ -40,6 +40,7 @@ demo: install
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
 
 test: install chromium lint
 	$(PY) -m pytest -q

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from build_map.harvest import iter_activation_batches
+from build_map.harvest import compute_dtype, iter_activation_batches, resolve_compute_dtype
 from build_map.models import LoadedModel, d_model, normalize_hookpoint
 from build_map.project import ProjectConfig, decoder_knn
 from build_map.sae import SparseAutoencoder, check_matches_model
@@ -79,6 +79,10 @@ class StatsConfig:
     """Nearest features by decoder cosine."""
     seed: int = 0
     """Seed for the reservoir sampling."""
+    compute_dtype: str = "auto"
+    """dtype of the forward passes, as in harvesting (``build_map.harvest.resolve_compute_dtype``):
+    "auto" runs a float32 model in bf16 on a CPU with native bf16 (about twice as fast; the demo
+    SAE is trained on such activations), "model" keeps the model's dtype."""
 
     def __post_init__(self) -> None:
         if self.n_tokens < 1 or self.n_top < 1 or self.batch_tokens < 1:
@@ -269,22 +273,24 @@ def _stream(loaded, sae, hookpoint, sequences, cfg, device) -> tuple[_State, _Co
     seq_parts, pos_parts, tok_parts = [], [], []
     n_seen = 0
     bar = tqdm(total=cfg.n_tokens, desc="Feature stats", unit="tok", unit_scale=True)
-    batches = iter_activation_batches(
-        loaded.model, loaded.tokenizer, hookpoint, _recorded(sequences, kept), cfg.batch_tokens
-    )
-    for harvested in batches:
-        take = min(int(harvested.acts.shape[0]), cfg.n_tokens - n_seen)
-        # The whole batch is encoded (windows may reach past the token budget); only ``take`` count.
-        acts = sae.encode(harvested.acts.to(device))  # (n, d_sae)
-        batch = _Batch(acts, harvested.sequence_ids.to(device), n_seen, offsets)
-        _accumulate(state, batch, take, generator)
-        seq_parts.append(harvested.sequence_ids[:take])
-        pos_parts.append(harvested.positions[:take])
-        tok_parts.append(harvested.token_ids[:take])
-        n_seen += take
-        bar.update(take)
-        if n_seen >= cfg.n_tokens:
-            break
+    # A bf16 copy of a float32 model on CPU (about twice as fast), as in harvesting.
+    with compute_dtype(loaded.model, resolve_compute_dtype(loaded.model, cfg.compute_dtype)) as model:
+        batches = iter_activation_batches(
+            model, loaded.tokenizer, hookpoint, _recorded(sequences, kept), cfg.batch_tokens
+        )
+        for harvested in batches:
+            take = min(int(harvested.acts.shape[0]), cfg.n_tokens - n_seen)
+            # The whole batch is encoded (windows may reach past the token budget); only ``take`` count.
+            acts = sae.encode(harvested.acts.to(device))  # (n, d_sae)
+            batch = _Batch(acts, harvested.sequence_ids.to(device), n_seen, offsets)
+            _accumulate(state, batch, take, generator)
+            seq_parts.append(harvested.sequence_ids[:take])
+            pos_parts.append(harvested.positions[:take])
+            tok_parts.append(harvested.token_ids[:take])
+            n_seen += take
+            bar.update(take)
+            if n_seen >= cfg.n_tokens:
+                break
     bar.close()
     if n_seen < cfg.n_tokens:
         logger.info("The corpus ran out after %d tokens (%d asked for)", n_seen, cfg.n_tokens)

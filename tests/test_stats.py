@@ -80,7 +80,14 @@ def _brute_force(sae, sequences, hidden, n_tokens):
 @pytest.fixture(scope="module")
 def topk_run(loaded, sequences):
     sae = _sae(loaded.model.config.hidden_size)
-    cfg = StatsConfig(n_tokens=N_TOKENS, batch_tokens=100, reservoir_size=16, n_neighbors=5, logit_k=4)
+    cfg = StatsConfig(
+        compute_dtype="model",
+        n_tokens=N_TOKENS,
+        batch_tokens=100,
+        reservoir_size=16,
+        n_neighbors=5,
+        logit_k=4,
+    )
     return sae, cfg, compute_feature_stats(loaded, sae, HOOKPOINT, sequences, cfg)
 
 
@@ -149,7 +156,7 @@ def _window_matches(loaded, cfg, sequences, full, feature, example, seq, pos) ->
 def test_quantile_buckets_follow_the_distribution(loaded, sequences, brute):
     """With a reservoir larger than any feature's count the quantiles are exact."""
     sae = _sae(loaded.model.config.hidden_size)
-    cfg = StatsConfig(n_tokens=N_TOKENS, reservoir_size=1000, n_top=5, n_neighbors=3)
+    cfg = StatsConfig(compute_dtype="model", n_tokens=N_TOKENS, reservoir_size=1000, n_top=5, n_neighbors=3)
     stats = compute_feature_stats(loaded, sae, HOOKPOINT, sequences, cfg)
     _, acts, _ = brute
     examples = stats.examples
@@ -187,7 +194,7 @@ def test_first_positions_are_excluded(loaded, sequences, hidden):
         sae.W_enc[:, 0] = unit
         sae.b_enc[0] = -(first.norm() - margin / 2)
     stats = compute_feature_stats(
-        loaded, sae, HOOKPOINT, sequences, StatsConfig(n_tokens=10_000, n_neighbors=3)
+        loaded, sae, HOOKPOINT, sequences, StatsConfig(compute_dtype="model", n_tokens=10_000, n_neighbors=3)
     )
     assert stats.features.loc[0, "dead"]
     assert stats.features.loc[0, "density"] == 0
@@ -251,7 +258,7 @@ def test_embedded_default_tables_are_readable(embedded):
         )
         sae.W_dec.copy_(directions)
         sae.W_enc.copy_(directions.T)
-    cfg = StatsConfig(n_tokens=1500)
+    cfg = StatsConfig(compute_dtype="model", n_tokens=1500)
     stats = compute_feature_stats(
         embedded, sae, "model.layers.15", token_sequences(embedded.tokenizer, CorpusConfig()), cfg
     )
