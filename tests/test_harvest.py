@@ -68,7 +68,10 @@ def test_cut_forward_matches_full_forward_and_skips_later_layers(tiny_model):
     assert cut.shape == (3, 11, tiny_model.config.hidden_size)
     torch.testing.assert_close(cut, full)
     assert calls == [] and head_calls == []
-    assert len(tiny_model.model.layers[0]._forward_hooks) == hooks_before  # our hook was removed
+    # Only the scoped-hook dispatcher may remain (installed once per module), and it is idle.
+    hooks = list(tiny_model.model.layers[0]._forward_hooks.values())
+    assert len(hooks) in (hooks_before, hooks_before + 1)
+    assert all(getattr(h, "current", None) is None or h.current.get() is None for h in hooks)
 
 
 def test_cut_forward_handles_tuple_outputs(tiny_model):
