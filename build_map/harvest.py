@@ -48,7 +48,7 @@ META_FILE = "meta.json"
 ACTIVATIONS_FILE = "activations.npy"
 TOKENS_FILE = "token_ids.npy"
 _STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
-_COMPUTE_DTYPES = ("auto", "model", "float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto", "model", "float32", "bfloat16", "float16")
 
 
 class HarvestError(ValueError):
@@ -212,7 +212,7 @@ def compute_dtype(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
     if current == dtype:
         yield model
         return
-    logger.info("Harvesting with a %s copy of the %s model", dtype, current)
+    logger.info("Running the forward passes with a %s copy of the %s model", dtype, current)
     cast = copy.deepcopy(model).to(dtype)
     try:
         yield cast
@@ -242,9 +242,9 @@ class HarvestConfig:
             raise HarvestError(
                 f"Unknown storage_dtype {self.storage_dtype!r}; choose one of {', '.join(_STORAGE_DTYPES)}."
             )
-        if self.compute_dtype not in _COMPUTE_DTYPES:
+        if self.compute_dtype not in COMPUTE_DTYPES:
             raise HarvestError(
-                f"Unknown compute_dtype {self.compute_dtype!r}; choose one of {', '.join(_COMPUTE_DTYPES)}."
+                f"Unknown compute_dtype {self.compute_dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}."
             )
         if self.batch_tokens < 1 or self.skip_first < 0:
             raise HarvestError(f"Need batch_tokens >= 1 and skip_first >= 0; got {self}.")

@@ -108,19 +108,21 @@ def auto_labels(features_df: pd.DataFrame, examples_df: pd.DataFrame) -> list[st
     return labels
 
 
-def _token_traits(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per distinct token string: (continues a word, a word may continue after it, label form)."""
+def _token_traits(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per distinct token string: (continues a word, a word may continue after it, starts with a
+    space, label form)."""
     shown = np.array([label_token(t) for t in raw], dtype=object)
     text = [str(t).translate(_MARKERS) for t in raw]
     special = np.array([t.startswith("<") and t.endswith(">") and len(t) > 2 for t in text])
     joins_left = np.array([bool(t) and t[0].isalnum() for t in text]) & ~special
     joins_right = np.array([bool(t) and t[-1].isalnum() for t in text]) & ~special
-    return joins_left, joins_right, shown
+    spaced = np.array([t[:1].isspace() for t in text], dtype=bool)
+    return joins_left, joins_right, spaced, shown
 
 
 def _example_words(examples_df: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
     """Every word of every example with an active token (feature, text, weight), and the
-    lower-cased words the examples contain (all single-token words and the active ones).
+    lower-cased words known to be whole words (see the comment at ``known``).
 
     Tokens are glued into words where an alphanumeric piece follows an alphanumeric piece with no
     space or marker between them. A word's weight is its most active token's activation scaled to
@@ -138,7 +140,7 @@ def _example_words(examples_df: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
     peak = np.maximum(np.repeat(np.maximum.reduceat(acts, starts), lengths), 1e-12)
     weight = np.where(acts > 0, acts / peak * np.where(focus, 2.0, 1.0), 0.0)
     codes, raw = pd.factorize(np.concatenate([np.asarray(t, dtype=object) for t in frame["tokens"]]))
-    joins_left, joins_right, shown = _token_traits(np.asarray(raw, dtype=object))
+    joins_left, joins_right, spaced, shown = _token_traits(np.asarray(raw, dtype=object))
     new_word = np.ones(len(codes), dtype=bool)
     new_word[1:] = ~(joins_left[codes[1:]] & joins_right[codes[:-1]])
     new_word[starts] = True
@@ -158,7 +160,6 @@ def _example_words(examples_df: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
     # "ing" after a hyphen is no word either).
     ends = np.cumsum(lengths)
     inner = ~np.isin(word_start, starts) & ~np.isin(word_end, ends)
-    spaced = np.array([str(t).translate(_MARKERS)[:1].isspace() for t in raw], dtype=bool)
     single = word_start[(word_end - word_start == 1) & inner & spaced[codes[word_start]]]
     seen = Counter(str(t).lower() for t in shown[codes[single]])
     seen.update(t.lower() for t, keep in zip(texts, inner[active].tolist(), strict=True) if keep)

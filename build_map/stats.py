@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from build_map.harvest import compute_dtype, iter_activation_batches, resolve_compute_dtype
+from build_map.harvest import COMPUTE_DTYPES, compute_dtype, iter_activation_batches, resolve_compute_dtype
 from build_map.models import LoadedModel, d_model, normalize_hookpoint
 from build_map.project import ProjectConfig, decoder_knn
 from build_map.sae import SparseAutoencoder, check_matches_model
@@ -81,12 +81,17 @@ class StatsConfig:
     """Seed for the reservoir sampling."""
     compute_dtype: str = "auto"
     """dtype of the forward passes, as in harvesting (``build_map.harvest.resolve_compute_dtype``):
-    "auto" runs a float32 model in bf16 on a CPU with native bf16 (about twice as fast; the demo
-    SAE is trained on such activations), "model" keeps the model's dtype."""
+    "auto" runs a float32 model in bf16 on a CPU with native bf16 (its cut forward is 2.4x fp32's in
+    bench/bench_harvest.py; the demo SAE is trained on such activations), "model" keeps the model's
+    dtype; "float32", "bfloat16" and "float16" name one."""
 
     def __post_init__(self) -> None:
         if self.n_tokens < 1 or self.n_top < 1 or self.batch_tokens < 1:
             raise StatsError("StatsConfig: n_tokens, n_top and batch_tokens must be positive.")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise StatsError(
+                f"StatsConfig.compute_dtype={self.compute_dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}."
+            )
         if self.context_before < 0 or self.context_after < 0:
             raise StatsError("StatsConfig: context_before and context_after must be >= 0.")
         if any(not 0.0 < q < 1.0 for q in self.quantiles):
@@ -273,7 +278,7 @@ def _stream(loaded, sae, hookpoint, sequences, cfg, device) -> tuple[_State, _Co
     seq_parts, pos_parts, tok_parts = [], [], []
     n_seen = 0
     bar = tqdm(total=cfg.n_tokens, desc="Feature stats", unit="tok", unit_scale=True)
-    # A bf16 copy of a float32 model on CPU (about twice as fast), as in harvesting.
+    # A bf16 copy of a float32 model on CPU, as in harvesting (see StatsConfig.compute_dtype).
     with compute_dtype(loaded.model, resolve_compute_dtype(loaded.model, cfg.compute_dtype)) as model:
         batches = iter_activation_batches(
             model, loaded.tokenizer, hookpoint, _recorded(sequences, kept), cfg.batch_tokens

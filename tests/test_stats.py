@@ -243,6 +243,8 @@ def test_clear_errors(loaded):
         compute_feature_stats(loaded, wrong, HOOKPOINT, [[1, 2, 3]])
     with pytest.raises(StatsError, match="quantiles must lie strictly between 0 and 1"):
         StatsConfig(quantiles=(0.5, 1.0))
+    with pytest.raises(StatsError, match="compute_dtype='fp8'; choose one of auto, model"):
+        StatsConfig(compute_dtype="fp8")
 
 
 @pytest.mark.slow
