@@ -14,6 +14,7 @@
   const DATA_ID = 'sae-card-data';
   const MAX_RESULTS = 12;
   const HASH_PREFIX = '#feature=';
+  const CARDS_AT_THE_LATEST_MS = 4000;
   const t0 = performance.now();
 
   const state = {
@@ -102,27 +103,42 @@
     return decode;
   }
 
-  function decodeInWorker(text, nBytes) {
-    return new Promise((resolve, reject) => {
-      const source = new Blob(['(' + cardDataDecoder.toString() + ')();'], { type: 'text/javascript' });
-      const url = URL.createObjectURL(source);
-      const worker = new Worker(url); // throws where workers are not allowed: decoded on the page then
-      const finish = () => {
-        worker.terminate();
-        URL.revokeObjectURL(url);
-      };
-      worker.onmessage = (event) => {
-        finish();
-        if (event.data.error) reject(new Error(event.data.error));
-        else resolve(event.data.buffer);
-      };
-      worker.onerror = (event) => {
-        finish();
-        event.preventDefault();
-        reject(new Error(event.message || 'the decoding worker failed'));
-      };
-      worker.postMessage({ text, nBytes });
-    });
+  // The worker starts with the page and gets the text later: starting a worker needs the page's
+  // main thread, which the map's first frame can hold for a second or more without a GPU.
+  function startDecodingWorker() {
+    const source = new Blob(['(' + cardDataDecoder.toString() + ')();'], { type: 'text/javascript' });
+    const url = URL.createObjectURL(source);
+    let worker;
+    try {
+      worker = new Worker(url); // throws where workers are not allowed: decoded on the page then
+    } catch (error) {
+      URL.revokeObjectURL(url);
+      return { decode: () => Promise.reject(error) };
+    }
+    let settle = null; // the pending decode's {resolve, reject}
+    let failure = null;
+    const finish = () => {
+      worker.terminate();
+      URL.revokeObjectURL(url);
+    };
+    worker.onerror = (event) => {
+      event.preventDefault();
+      finish();
+      failure = new Error(event.message || 'the decoding worker failed');
+      if (settle) settle.reject(failure);
+    };
+    worker.onmessage = (event) => {
+      finish();
+      if (event.data.error) settle.reject(new Error(event.data.error));
+      else settle.resolve(event.data.buffer);
+    };
+    const decode = (text, nBytes) =>
+      new Promise((resolve, reject) => {
+        if (failure) return reject(failure);
+        settle = { resolve, reject };
+        worker.postMessage({ text, nBytes });
+      });
+    return { decode };
   }
 
   function halfToFloat(bits) {
@@ -177,7 +193,7 @@
     element.textContent = ''; // the page keeps no second copy of the text
     let buffer;
     try {
-      buffer = await decodeInWorker(text, nBytes);
+      buffer = await decodingWorker.decode(text, nBytes);
     } catch (error) {
       console.warn('feature cards: decoding on the page, not in a worker:', error);
       buffer = await cardDataDecoder()(text, nBytes);
@@ -550,27 +566,22 @@
   // ------------------------------------------------------------------ start
 
   const nextFrame = () => new Promise((resolve) => requestAnimationFrame(() => resolve()));
-
-  const cardsReady = decode()
-    .then(() => {
-      state.ready = true;
-    })
-    .catch((error) => {
-      state.error = String(error);
-      console.error('feature cards:', error);
-    });
+  const delay = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+  const decodingWorker = startDecodingWorker();
 
   // The map page's module script (and so window.saeMap) has run by DOMContentLoaded.
-  const mapLoaded = new Promise((resolve, reject) => {
+  const bridge = new Promise((resolve, reject) => {
     document.addEventListener('DOMContentLoaded', () => {
       setUpSearch();
-      if (!window.saeMap) return reject(new Error('the map bridge (window.saeMap) is missing'));
-      window.saeMap.ready.then(() => {
-        initialZoom = datamap.deckgl.props.initialViewState.zoom;
-        resolve();
-      }, reject);
+      if (window.saeMap) resolve(window.saeMap);
+      else reject(new Error('the map bridge (window.saeMap) is missing'));
     });
   });
+  const mapLoaded = bridge
+    .then((saeMap) => saeMap.ready)
+    .then(() => {
+      initialZoom = datamap.deckgl.props.initialViewState.zoom;
+    });
   mapLoaded
     .then(nextFrame)
     .then(nextFrame)
@@ -579,5 +590,20 @@
       state.timings.map_ms = performance.now() - t0;
     })
     .catch((error) => console.error('feature cards:', error));
+  // On a small machine the map's start-up (its data workers, shader linking, the first frame of
+  // every point) and the card data's decoding compete for the same cores. The map comes first:
+  // decoding starts once its points and labels are handed to deck.gl, so it runs beside the
+  // drawing of the first frame; a page whose map never gets there still gets its cards after
+  // CARDS_AT_THE_LATEST_MS.
+  const firstLayers = bridge.then((saeMap) => saeMap.firstLayers);
+  const cardsReady = Promise.race([firstLayers.catch(() => {}), delay(CARDS_AT_THE_LATEST_MS)])
+    .then(decode)
+    .then(() => {
+      state.ready = true;
+    })
+    .catch((error) => {
+      state.error = String(error);
+      console.error('feature cards:', error);
+    });
   cardsReady.then(applyHash);
 })();

@@ -184,6 +184,22 @@ def _harden_inline_json(page: str) -> str:
     return re.sub(r"(const colorMaps = )(.*);$", reencode, page, flags=re.MULTILINE)
 
 
+# DataMapPlot's data workers turn base64 into bytes one character at a time, in 1 MB steps; the
+# browser's own decoder (Uint8Array.fromBase64, Chromium 140+, Firefox 133+, Safari 18.2+) is
+# ~20x faster, which matters for the map's start-up on a small machine. Older browsers keep theirs.
+_WORKER_BASE64 = "const decodedData = await decodeBase64WithProgress(encodedData);"
+_NATIVE_BASE64 = (
+    "const decodedData = typeof Uint8Array.fromBase64 === 'function' "
+    "? Uint8Array.fromBase64(encodedData) : await decodeBase64WithProgress(encodedData);"
+)
+
+
+def _native_base64(page: str) -> str:
+    if _WORKER_BASE64 not in page:
+        logger.debug("DataMapPlot's base64 worker changed; keeping its own decoder")
+    return page.replace(_WORKER_BASE64, _NATIVE_BASE64)
+
+
 def _bridge_js(static: Path) -> str:
     bridge = (static / BRIDGE_FILE).read_text(encoding="utf-8")
     assert "</script" not in bridge.lower(), "map_bridge.js must not contain a closing script tag"
@@ -275,7 +291,7 @@ def render_map_html(
         bridge_js=_bridge_js(static),
         cache=cache,
     )
-    page = _harden_inline_json(page)
+    page = _native_base64(_harden_inline_json(page))
     # The default placeholder is an emoji, which shows as a box where no emoji font is installed.
     page = page.replace(
         'id="text-search" placeholder="\U0001f50d"', 'id="text-search" placeholder="Search labels"'

@@ -116,23 +116,43 @@
     else queue.push(message);
   });
 
-  // Labels are drawn into a glyph atlas once; if that happens before the embedded web font has
-  // loaded, they stay in a fallback serif face. Re-create the atlas (a new font key) once the
-  // font is ready.
-  async function refreshLabelFont() {
-    try {
-      await document.fonts.load(LABEL_FONT, 'a\u0100');
-    } catch (error) {
-      console.warn('map bridge: label font did not load', error);
-    }
-    await until(() => datamap.labelLayer);
-    const old = datamap.labelLayer;
-    const fresh = old.clone({ fontFamily: LABEL_FONT_STACK });
-    const index = datamap.layers.indexOf(old);
-    if (index >= 0) datamap.layers = [...datamap.layers.slice(0, index), fresh, ...datamap.layers.slice(index + 1)];
-    datamap.labelLayer = fresh;
+  // The first frame. Without a GPU (software WebGL) a frame that draws all the points costs about
+  // a second, blocks the page's main thread while it is copied out, and each label font means a
+  // new glyph atlas. DataMapPlot adds labels, points and hover data each as soon as its worker has
+  // decoded it, the labels before the embedded web font has loaded (so in a fallback face, redone
+  // once the font is in): a labels-only frame, a points frame, a frame with both, and hover data
+  // that waits behind them. Holding the three until all are decoded and the font is in gives one
+  // glyph atlas and one first frame, with the map's data complete before it is drawn.
+  const fontLoaded = document.fonts.load(LABEL_FONT, 'a\u0100').catch((error) => {
+    console.warn('map bridge: label font did not load', error);
+  });
+  const FIRST = { points: 'addPoints', labels: 'addLabels', metadata: 'addMetaData' };
+  const held = {};
+  let firstLayersAdded;
+  const firstLayers = new Promise((resolve) => (firstLayersAdded = resolve));
+
+  function addFirstLayers() {
+    held.points();
+    held.labels();
+    held.metadata();
+    // Same tick as addLabels, so the layer is first drawn (and its atlas built) with the stack.
+    const layer = datamap.labelLayer.clone({ fontFamily: LABEL_FONT_STACK });
+    datamap.layers = datamap.layers.map((other) => (other === datamap.labelLayer ? layer : other));
+    datamap.labelLayer = layer;
     datamap.fontFamily = LABEL_FONT_STACK;
     datamap.deckgl.setProps({ layers: [...datamap.layers] });
+    firstLayersAdded();
+  }
+
+  for (const [name, method] of Object.entries(FIRST)) {
+    const original = datamap[method].bind(datamap);
+    datamap[method] = (...args) => {
+      datamap[method] = original; // later calls go straight through
+      held[name] = () => original(...args);
+      if (Object.keys(FIRST).every((key) => held[key])) {
+        fontLoaded.then(addFirstLayers).catch((error) => console.error('map bridge:', error));
+      }
+    };
   }
 
   const ready = until(dataLoaded).then(() => {
@@ -143,11 +163,10 @@
     while (queue.length) handle(queue.shift());
     postToParent({ type: 'map-ready' });
   });
-  const fontReady = refreshLabelFont();
 
   window.saeMap = {
     ready: ready,
-    fontReady: fontReady,
+    firstLayers: firstLayers, // points, labels (in the web font) and hover data handed to deck.gl
     pointClicked: pointClicked,
     rowOf: (feature) => (rowOfFeature ? rowOfFeature.get(Number(feature)) : undefined),
     highlight: (features, id) => ready.then(() => highlight({ features: features, id: id })),

@@ -130,6 +130,13 @@ def test_no_external_src_or_href(page):
     assert "fonts.googleapis.com" not in page
 
 
+def test_data_workers_use_the_native_base64_decoder(page):
+    from build_map.render_map import _NATIVE_BASE64, _WORKER_BASE64
+
+    assert page.count(_NATIVE_BASE64) == 1  # DataMapPlot's worker line was found and replaced
+    assert page.count(_WORKER_BASE64) == 0
+
+
 def test_untrusted_text_is_escaped(page):
     assert "<script>alert" not in page
     assert "Test &lt;b&gt;map&lt;/b&gt;" in page and "a &amp; b" in page
@@ -192,7 +199,7 @@ def test_map_in_browser_clicks_and_highlights(page, features, tmp_path):
         tab.goto((tmp_path / "parent.html").as_uri())
         tab.wait_for_function("window.received.some(m => m.type === 'map-ready')", timeout=120_000)
         frame = tab.locator("#map").element_handle().content_frame()
-        frame.evaluate("window.saeMap.fontReady")
+        frame.evaluate("window.saeMap.firstLayers")
         assert frame.evaluate("datamap.pointData.x.length") == len(shown)
 
         # Click a point that is not covered by another: the parent gets its feature id.
