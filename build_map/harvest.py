@@ -39,7 +39,14 @@ from tqdm.auto import tqdm
 
 from build_map.corpus import CorpusConfig, token_sequences
 from build_map.hooks import scoped_forward_hook
-from build_map.models import LoadedModel, d_model, normalize_hookpoint, pick_dtype, resolve_hookpoint
+from build_map.models import (
+    LoadedModel,
+    cpu_has_fast_bf16,
+    d_model,
+    normalize_hookpoint,
+    pick_dtype,
+    resolve_hookpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -180,14 +187,6 @@ def _input_device(model: nn.Module) -> torch.device:
     if embeddings is not None:
         return embeddings.weight.device
     return next(model.parameters()).device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 / AMX); without it bf16 is slower."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def resolve_compute_dtype(model: nn.Module, name: str) -> torch.dtype:

@@ -82,12 +82,21 @@ _DTYPES = {
 }
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). There bf16 is much faster than
+    fp32 (a SmolLM2 decoding step 1.7×, a harvest batch 2.4×); without them it is emulated and far
+    slower. Decided from CPU flags, not timing, so seeded runs stay reproducible."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = "auto") -> torch.dtype:
-    """``auto`` → bf16 on CUDA, fp32 on CPU (CPU bf16 matmuls are slower for generation)."""
+    """``auto`` → bf16 where it is native (CUDA, or a CPU with AVX512-BF16/AMX), else fp32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+        return torch.bfloat16 if native else torch.float32
     if dtype not in _DTYPES:
         raise ModelLoadError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(_DTYPES))}.")
     return _DTYPES[dtype]

@@ -32,7 +32,13 @@ from tqdm.auto import tqdm
 
 from build_map.corpus import CorpusConfig
 from build_map.harvest import HarvestConfig, harvest_to_buffer
-from build_map.models import default_hookpoint, load_model, normalize_hookpoint, pick_device
+from build_map.models import (
+    cpu_has_fast_bf16,
+    default_hookpoint,
+    load_model,
+    normalize_hookpoint,
+    pick_device,
+)
 from build_map.paths import cache_dir
 from build_map.sae import SAEConfig, SparseAutoencoder, save_sae
 
@@ -557,14 +563,7 @@ def _device(name: str) -> torch.device:
 def _select_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
-    return torch.bfloat16 if device.type == "cuda" or _cpu_has_fast_bf16() else torch.float32
-
-
-def _cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls are ~3× faster than fp32 with AVX512-BF16 or AMX and far slower without
-    (emulated). Decided from CPU flags, not timing, so seeded runs stay reproducible."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32
 
 
 # ---------------------------------------------------------------- model → buffer → SAE

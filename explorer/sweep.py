@@ -464,7 +464,11 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", required=True, help="folder for sweep.parquet, sweep.png, sweep.html, sweep.json"
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, ...")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), float32, ...",
+    )
     parser.add_argument(
         "--model", default=None, help="model instead of the manifest's (HF id, folder, .gguf)"
     )
