@@ -76,7 +76,7 @@ def _child(method: str, data_path: str, out_path: str, verbose: bool = False) ->
     if verbose:
         import logging
 
-        logging.basicConfig(level=logging.INFO, format="  [%(name)s] %(message)s")
+        logging.basicConfig(level=logging.INFO, format="  %(relativeCreated)7.0f ms [%(name)s] %(message)s")
     directions = np.load(data_path)
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     timings: dict[str, float] = {}

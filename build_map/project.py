@@ -5,23 +5,24 @@ The fast path, and why it beats ``umap.UMAP(metric="cosine").fit(W_dec)``:
 1. Rows are L2-normalised (a decoder direction's norm is a scale, not a meaning).
 2. The kNN graph is computed in torch with full-width cosine similarities, so umap-learn's
    NN-descent (its slowest step on 4,096-d data, and most of its first-call numba compile) is
-   skipped: the graph goes to umap-learn as ``precomputed_knn``.
+   skipped: the layout starts from our graph.
    * exact: a chunked matmul + top-k over all rows. Used on a GPU (65,536 x 4,096 in seconds)
      and for small SAEs.
    * partitioned (CPU, large SAEs; an exact search of 65,536 x 4,096 takes ~10 min on two
      cores): a spherical k-means of the rows' 64-d PCA splits them into buckets of ~256; each
      bucket is compared, at full width, with the ~2,048 rows of its nearest buckets. That is
      32x less work, and finds the exact neighbours of >99 % of rows on clustered data (tests).
-3. umap-learn then only builds the fuzzy graph and optimises the layout, seeded so the same
-   input gives the same map; it is handed the 64-d PCA of the rows (used for initialisation).
+3. The layout is UMAP's (fuzzy graph, PCA or spectral start, SGD with negative sampling),
+   computed by ``build_map/layout.py`` rather than umap-learn, seeded so the same input gives
+   the same map. It gets the 64-d PCA of the rows for its initial layout.
 
-numba compile cache: importing umap-learn compiles pynndescent's numba code, ~20 s in a fresh
-environment and ~3 s once cached (those functions use ``cache=True``). Before umap is first
-imported we point ``NUMBA_CACHE_DIR`` at the project's cache folder (``<user cache
-folder>/sae-feature-map/numba``, or ``$SAE_MAP_CACHE/numba``), unless the user has set
-``NUMBA_CACHE_DIR`` themselves, so the cache is kept with the project's other caches and
-works where site-packages is read-only (containers, system installs). umap-learn's own layout
-code is not cacheable and still compiles in every process (~5-10 s).
+numba compile cache: importing umap-learn would compile ~20 s of pynndescent's numba code in a
+fresh environment, and its layout optimiser is compiled again in every process; layout.py's one
+numba function is compiled once (~2 s) and cached. Before numba is first imported we point
+``NUMBA_CACHE_DIR`` at the project's cache folder (``<user cache folder>/sae-feature-map/numba``,
+or ``$SAE_MAP_CACHE/numba``), unless the user has set ``NUMBA_CACHE_DIR`` themselves, so the
+cache is kept with the project's other caches and works where site-packages is read-only
+(containers, system installs).
 """
 
 from __future__ import annotations
@@ -72,15 +73,15 @@ class ProjectConfig:
     they reach the trustworthiness of umap-learn's 200 and save a quarter of the layout time),
     else umap-learn's choice (500 below 10,000 rows, 200 above)."""
     init: str = "auto"
-    """UMAP layout initialisation: "spectral" (umap-learn's; its eigensolver can take minutes on
-    large, strongly clustered kNN graphs), "coarse_spectral" (the spectral layout of a graph of
+    """UMAP layout initialisation: "spectral" (the kNN graph's Laplacian eigenvectors, as
+    umap-learn's; the eigensolver can take minutes on large, strongly clustered kNN graphs),
+    "coarse_spectral" (the spectral layout of a graph of
     ~n/64 k-means buckets, spread back to their rows; seconds), "pca" (the rows' first two
     principal components; instant), or "auto": spectral below LARGE_INIT_MIN_ROWS rows, pca from
     there (on 32k-65k synthetic decoders pca gave trustworthiness 0.85 against 0.83-0.84 for
     coarse_spectral and 0.74 for spectral)."""
     seed: int | None = 0
-    """Random seed; the same seed gives the same layout. None runs UMAP's optimiser on all cores
-    but is not reproducible."""
+    """Random seed; the same seed gives the same layout. None draws a random seed."""
     device: str = "auto"
     """Device for PCA and the kNN search: "auto" (CUDA when available, else CPU), "cpu", "cuda"..."""
 
@@ -418,27 +419,16 @@ def _similar_buckets(coarse: torch.Tensor, labels: np.ndarray, n_buckets: int, k
 def _umap_layout(
     data: np.ndarray, knn: tuple[np.ndarray, np.ndarray], init: str | np.ndarray, cfg: ProjectConfig
 ) -> np.ndarray:
-    ensure_numba_cache()
-    import warnings
+    from build_map.layout import umap_layout
 
-    import umap  # imported late: its import compiles numba code (cached after the first run)
-
-    reducer = umap.UMAP(
-        n_neighbors=cfg.n_neighbors,
-        min_dist=cfg.min_dist,
-        metric="cosine",
-        n_epochs=cfg.n_epochs or (LARGE_EPOCHS if len(data) >= LARGE_INIT_MIN_ROWS else None),
+    return umap_layout(
+        data,
+        *knn,
         init=init,
-        random_state=cfg.seed,
-        n_jobs=1 if cfg.seed is not None else -1,  # a seeded UMAP is single-threaded anyway
-        precomputed_knn=knn,
-        force_approximation_algorithm=True,  # use our kNN graph even for < 4,096 points
+        n_epochs=cfg.n_epochs or (LARGE_EPOCHS if len(data) >= LARGE_INIT_MIN_ROWS else None),
+        min_dist=cfg.min_dist,
+        seed=cfg.seed,
     )
-    with warnings.catch_warnings():
-        # "transform will be unavailable": we never transform new points.
-        warnings.filterwarnings("ignore", message=".*knn_search_index.*", category=UserWarning)
-        xy = reducer.fit_transform(data)
-    return np.ascontiguousarray(xy, dtype=np.float32)
 
 
 def trustworthiness_sample(
