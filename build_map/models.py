@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -163,6 +164,7 @@ def _gguf_resave(path: Path) -> Path:
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_CACHE_VERSION}".encode())
     folder = cache_dir("models") / f"{path.stem}-{key.hexdigest()[:12]}"
     if (folder / "model.safetensors").is_file():
+        _drop_quantization_config(folder)  # re-saves made before this was done at save time
         return folder
     model, tokenizer = _load_gguf(path, torch.float32)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
@@ -172,11 +174,21 @@ def _gguf_resave(path: Path) -> Path:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
     save_model(model, str(tmp / "model.safetensors"))
+    _drop_quantization_config(tmp)
     if folder.exists():  # another process finished first; keep its copy
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         os.replace(tmp, folder)
     return folder
+
+
+def _drop_quantization_config(folder: Path) -> None:
+    """The re-save holds plain dequantized weights. The GGUF ``quantization_config`` its config
+    inherits would make transformers set up (and warn about) packed GGUF weights on every load."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
