@@ -5,8 +5,8 @@
 Synthesises a bundle with realistic card data (10 top examples x 20 tokens drawn from a Zipf
 "corpus" over a 49k vocabulary, 10 logit-lens tokens each way, 10 neighbours, 3 cluster levels,
 1% hidden), exports it and prints: export time, file size and its parts, and the first paint in
-headless Chromium (navigation -> map canvas drawn and card data parsed). Targets: export <= 60 s
-on 2 cores, file <= 40 MB, first paint <= 5 s.
+headless Chromium (navigation -> map canvas drawn and card data parsed; median of --paint-runs
+fresh launches). Targets: export <= 60 s on 2 cores, file <= 40 MB, first paint <= 5 s.
 """
 
 from __future__ import annotations
@@ -197,6 +197,9 @@ def main() -> None:
         "--no-browser", action="store_true", help="Skip the headless Chromium first-paint figure."
     )
     parser.add_argument("--keep", type=Path, default=None, help="Also copy the exported HTML here.")
+    parser.add_argument(
+        "--paint-runs", type=int, default=3, help="Fresh Chromium launches for the first paint (median)."
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -218,9 +221,12 @@ def main() -> None:
         if args.keep:
             args.keep.write_bytes((tmp / "export.html").read_bytes())
         if not args.no_browser:
-            timing = first_paint_seconds(tmp / "export.html")
+            runs = [first_paint_seconds(tmp / "export.html") for _ in range(max(1, args.paint_runs))]
+            walls = sorted(run["first_paint_s"] for run in runs)
+            timing = sorted(runs, key=lambda run: run["first_paint_s"])[len(runs) // 2]  # the median run
             print(
-                f"first paint (headless Chromium, file://): {timing['first_paint_s']:.2f} s wall, "
+                f"first paint (headless Chromium, file://, median of {len(runs)} fresh launches): "
+                f"{timing['first_paint_s']:.2f} s wall (runs {', '.join(f'{w:.2f}' for w in walls)} s), "
                 f"Chromium CPU {timing['cpu_s']:.1f} s (target <= 5 s; {_load()}); "
                 f"card data parsed at {timing['cards_parsed_s']:.2f} s "
                 f"(inflated {timing['inflate_ms']:.0f} ms and parsed {timing['decode_ms']:.0f} ms after the "
