@@ -3,6 +3,11 @@
 #   docker build -t sae-feature-map .
 #   docker run -p 5006:5006 sae-feature-map            # then open http://127.0.0.1:5006
 #
+# The app accepts websocket connections only from pages it knows it serves (localhost, the
+# container's names and addresses, port 5006). Published under another port or name, say so:
+#   docker run -p 8080:5006 sae-feature-map explore /app/bundle --host 0.0.0.0 --no-show \
+#     --allow-origin localhost:8080
+#
 # Build args:
 #   BASE_IMAGE   a Debian/Ubuntu image with Python 3.10+ (default python:3.11-slim-bookworm).
 #                For CUDA use an image with CUDA and Python, e.g. a pytorch/pytorch *-runtime tag,

@@ -75,7 +75,8 @@ def fuzzy_graph(indices: np.ndarray, distances: np.ndarray) -> sp.csr_matrix:
     n, k = indices.shape
     rho, sigma = smooth_knn_dist(distances)
     excess = distances.astype(np.float64) - rho[:, None]
-    weights = np.where(excess <= 0, 1.0, np.exp(-excess / sigma[:, None]))
+    with np.errstate(divide="ignore", invalid="ignore"):  # sigma is 0 only where excess <= 0
+        weights = np.where(excess <= 0, 1.0, np.exp(-excess / sigma[:, None]))
     rows = np.repeat(np.arange(n), k)
     cols = indices.ravel()
     keep = (cols != rows) & (cols >= 0)

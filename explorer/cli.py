@@ -38,6 +38,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
     parser.add_argument("--port", type=int, default=5006, help="port (default 5006; 0 picks a free one)")
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="also accept pages served under this name (a proxy or DNS alias); repeatable",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--dtype",
@@ -131,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"explore: error: {exc}", file=sys.stderr)
         return 2
     try:
-        server = make_server(shared, host=args.host, port=args.port, show=not args.no_show)
+        server = make_server(
+            shared, host=args.host, port=args.port, show=not args.no_show, allowed_origins=args.allow_origin
+        )
     except OSError as exc:
         print(
             f"explore: error: cannot listen on {args.host}:{args.port} ({exc}); pass another --port.",

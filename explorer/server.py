@@ -1,7 +1,9 @@
 """Serve the explorer with Panel: one page per browser session, the bundle as a static folder.
 
 Safety defaults: listen on 127.0.0.1, accept websocket connections only from the page's own
-host:port (so another site open in the browser cannot drive the model).
+host:port (so another site open in the browser cannot drive the model). Listening on every
+interface (``--host 0.0.0.0``) accepts this machine's own names and addresses; a page reached
+under any other name (a proxy, a DNS alias) needs ``--allow-origin NAME``.
 
 Offline: the page uses no Panel template (FastListTemplate pulls Open Sans from Google Fonts)
 and no icon buttons (Bokeh's TablerIcon loads its font from a CDN); Bokeh and Panel's own JS/CSS
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
+from collections.abc import Sequence
 
 import panel as pn
 
@@ -23,14 +27,41 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5006
 LOCAL_ALIASES = {"127.0.0.1": "localhost", "localhost": "127.0.0.1"}
+WILDCARD_HOSTS = {"0.0.0.0", "::", ""}  # listen on every interface
 
 
-def websocket_origins(host: str, port: int) -> list[str]:
-    """The page's own host:port, plus the other spelling of loopback (127.0.0.1 ↔ localhost)."""
-    origins = [f"{host}:{port}"]
-    if host in LOCAL_ALIASES:
-        origins.append(f"{LOCAL_ALIASES[host]}:{port}")
-    return origins
+def websocket_origins(host: str, port: int, allowed: Sequence[str] = ()) -> list[str]:
+    """Origins whose pages may open the app's websocket: the page's own host:port and the other
+    spelling of loopback (127.0.0.1 ↔ localhost); on a wildcard address (every interface) the
+    names and addresses of this machine; plus ``allowed`` (``--allow-origin``: a host, served
+    port implied, or host:port; "*" allows every site and is the user's explicit choice)."""
+    if host in WILDCARD_HOSTS:
+        names = ["localhost", "127.0.0.1", *machine_names()]
+    else:
+        names = [host, *([LOCAL_ALIASES[host]] if host in LOCAL_ALIASES else [])]
+    origins = [f"{_bracketed(name)}:{port}" for name in names]
+    for origin in allowed:
+        origins.append(origin if origin == "*" or _has_port(origin) else f"{_bracketed(origin)}:{port}")
+    return list(dict.fromkeys(origins))
+
+
+def machine_names() -> list[str]:
+    """This machine's host name, full name and addresses (what other machines may call it)."""
+    names = [socket.gethostname(), socket.getfqdn()]
+    with contextlib.suppress(OSError):
+        names += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # a UDP "connect" sends nothing; it picks the outgoing address
+        names.append(probe.getsockname()[0])
+    return [name for name in dict.fromkeys(names) if name and not name.startswith(("127.", "::1"))]
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _has_port(origin: str) -> bool:
+    return re.fullmatch(r"(\[[^\]]*\]|[^:\[\]]+):\d+", origin) is not None
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:
@@ -40,8 +71,8 @@ def free_port(host: str = DEFAULT_HOST) -> int:
 
 
 def url_for(host: str, port: int) -> str:
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/"
+    shown = socket.gethostname() if host in WILDCARD_HOSTS else host
+    return f"http://{_bracketed(shown)}:{port}/"
 
 
 def make_server(
@@ -49,6 +80,7 @@ def make_server(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     show: bool = True,
+    allowed_origins: Sequence[str] = (),
     **kwargs,
 ):
     """A Bokeh server for the explorer, bound to host:port but not started (see ``run``);
@@ -63,7 +95,7 @@ def make_server(
         app,
         address=host,
         port=port,
-        websocket_origin=websocket_origins(host, port),
+        websocket_origin=websocket_origins(host, port, allowed_origins),
         static_dirs={MAP_ROUTE: str(shared.bundle.path)},
         title=shared.title,
         show=show,
