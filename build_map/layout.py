@@ -110,7 +110,7 @@ def pca_init(data: np.ndarray) -> np.ndarray:
     return xy
 
 
-def spectral_init(graph: sp.csr_matrix, data: np.ndarray, seed: int) -> np.ndarray:
+def spectral_init(graph: sp.csr_matrix, data: np.ndarray) -> np.ndarray:
     """The two leading non-trivial eigenvectors of the graph's normalised Laplacian.
 
     A kNN graph of SAE directions often falls apart into components (isolated features,
@@ -291,7 +291,7 @@ def umap_layout(
     graph = fuzzy_graph(indices, distances)
     n_epochs = n_epochs or (500 if len(data) <= 10_000 else 200)
     if isinstance(init, str) and init == "spectral":
-        xy = spectral_init(graph, data, seed)
+        xy = spectral_init(graph, data)
     elif isinstance(init, str) and init == "pca":
         xy = pca_init(data)
     elif isinstance(init, str):
