@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 from build_map.corpus import CorpusConfig
 from build_map.harvest import HarvestConfig, harvest_to_buffer
 from build_map.models import (
-    cpu_has_fast_bf16,
     default_hookpoint,
     load_model,
     normalize_hookpoint,
     pick_device,
+    pick_dtype,
 )
 from build_map.paths import cache_dir
 from build_map.sae import SAEConfig, SparseAutoencoder, save_sae
@@ -267,7 +267,7 @@ class _Trainer:
         # fused: one pass over each parameter instead of ~8 (4× faster on CPU, where Adam over the
         # 2 × n_latents × d_in weights otherwise costs as much as the rest of the step).
         self.optimizer = torch.optim.Adam(params, lr=cfg.learning_rate(), fused=True)
-        self.select_dtype = _select_dtype(cfg.encoder_dtype, device)
+        self.select_dtype = pick_dtype(device, cfg.encoder_dtype)
         self.since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
         self.tokens_seen = 0
         self.steps = 0
@@ -558,12 +558,6 @@ def _lr_at(step: int, steps: int, cfg: TrainConfig) -> float:
 
 def _device(name: str) -> torch.device:
     return pick_device(name)
-
-
-def _select_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    return torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32
 
 
 # ---------------------------------------------------------------- model → buffer → SAE

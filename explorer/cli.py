@@ -26,6 +26,15 @@ class ExploreError(ValueError):
     """The explorer cannot start; the message says what to pass instead."""
 
 
+def _origin(text: str) -> str:
+    from explorer.server import check_origin
+
+    try:
+        return check_origin(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="explore",
@@ -42,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--allow-origin",
         action="append",
         default=[],
+        type=_origin,
         metavar="HOST[:PORT]",
         help="also accept pages served under this name (a proxy or DNS alias); repeatable",
     )

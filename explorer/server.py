@@ -60,6 +60,20 @@ def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+def check_origin(origin: str) -> str:
+    """``origin`` as given to ``--allow-origin`` (HOST, HOST:PORT, [IPv6]:PORT or "*"), or a
+    ValueError saying what is expected: browsers send an origin's host and port, never a scheme
+    or a path."""
+    if origin == "*" or re.fullmatch(
+        r"(\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*|[\w.-]+)(:\d+)?", origin
+    ):
+        return origin
+    raise ValueError(
+        f"{origin!r} is not HOST or HOST:PORT (e.g. proxy.example or proxy.example:443); "
+        "leave out the scheme (http://) and any path."
+    )
+
+
 def _has_port(origin: str) -> bool:
     return re.fullmatch(r"(\[[^\]]*\]|[^:\[\]]+):\d+", origin) is not None
 

@@ -293,6 +293,15 @@ def test_allow_origin_adds_names():
     assert origins[2:] == ["proxy.example:5006", "proxy.example:443", "[::1]:5006", "[::1]:8080"]
 
 
+def test_allow_origin_with_a_scheme_is_refused_clearly(capsys):
+    from explorer.cli import parse_args
+
+    assert parse_args(["b", "--allow-origin", "proxy.example:443"]).allow_origin == ["proxy.example:443"]
+    with pytest.raises(SystemExit):
+        parse_args(["b", "--allow-origin", "https://proxy.example/app"])
+    assert "leave out the scheme" in capsys.readouterr().err
+
+
 def test_cli_errors_are_clear(tmp_path, bundle_dir, capsys):
     assert main([str(tmp_path / "missing"), "--no-show"]) == 2
     assert "No bundle at" in capsys.readouterr().err
