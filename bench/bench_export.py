@@ -4,9 +4,10 @@
 
 Synthesises a bundle with realistic card data (10 top examples x 20 tokens drawn from a Zipf
 "corpus" over a 49k vocabulary, 10 logit-lens tokens each way, 10 neighbours, 3 cluster levels,
-1% hidden), exports it and prints: export time, file size and its parts, and the first paint in
-headless Chromium (navigation -> map canvas drawn and card data parsed; median of --paint-runs
-fresh launches). Targets: export <= 60 s on 2 cores, file <= 40 MB, first paint <= 5 s.
+1% hidden), exports it and prints: export time, file size and its parts, and how fast it opens in
+headless Chromium (navigation -> the map on screen and the card data parsed, from the page's own
+clock; median of --paint-runs fresh launches), with when the WebGL map takes over. Targets: export
+<= 60 s on 2 cores, file <= 40 MB, first paint <= 5 s.
 """
 
 from __future__ import annotations
@@ -141,29 +142,38 @@ def synthesize_bundle(
 
 
 def first_paint_seconds(html: Path, timeout_s: float = 120) -> dict[str, float]:
-    """Navigation -> map canvas drawn and card data parsed, in headless Chromium from file://."""
+    """One fresh headless Chromium opening ``html`` from file://: when things happened, in seconds.
+
+    From the page's own clock (performance.now(), since navigation start): ``first_paint_s``, the
+    map on screen (the preview picture committed to the screen, static/map_preview.js);
+    ``cards_s``, the card data parsed; ``open_s``, the later of the two (the benchmark's figure: the
+    map is visible and a click on it opens a card); ``live_s``, the WebGL map shown.
+    """
     from tests.browser import offline_browser  # the project's offline Chromium (outside requests aborted)
 
     with offline_browser() as browser:
         page = browser.new_page((1400, 900))
         cpu_before = _chromium_cpu_seconds()
-        start = time.perf_counter()
         page.goto(html.as_uri(), wait_until="commit", timeout=timeout_s * 1000)
-        page.wait_for_function("window.saeCards && window.saeCards.ready", timeout=timeout_s * 1000)
-        cards = time.perf_counter() - start
+        page.wait_for_function(
+            "window.saeCards && window.saeCards.ready && window.saeCards.timings.first_paint_ms",
+            timeout=timeout_s * 1000,
+        )
         page.wait_for_function("window.saeCards.mapReady", timeout=timeout_s * 1000)
-        both = time.perf_counter() - start
         cpu = _chromium_cpu_seconds() - cpu_before
         page.evaluate("location.hash = '#feature=12345'")
         page.wait_for_selector(".sae-panel.sae-open .sae-card", timeout=timeout_s * 1000)
         if browser.blocked:
             raise RuntimeError(f"the page tried to reach the network: {browser.blocked[:3]}")
         timings = page.evaluate("window.saeCards.timings")
+        paint, cards = timings["first_paint_ms"] / 1000, timings["cards_ms"] / 1000
         return {
-            "cards_parsed_s": cards,
-            "first_paint_s": both,
+            "first_paint_s": paint,
+            "cards_s": cards,
+            "open_s": max(paint, cards),
+            "live_s": timings["map_ms"] / 1000,
             "cpu_s": cpu,
-            **timings,
+            "card_ms": timings["card_ms"],
         }
 
 
@@ -222,16 +232,15 @@ def main() -> None:
             args.keep.write_bytes((tmp / "export.html").read_bytes())
         if not args.no_browser:
             runs = [first_paint_seconds(tmp / "export.html") for _ in range(max(1, args.paint_runs))]
-            walls = sorted(run["first_paint_s"] for run in runs)
-            timing = sorted(runs, key=lambda run: run["first_paint_s"])[len(runs) // 2]  # the median run
+            opens = sorted(run["open_s"] for run in runs)
+            median = sorted(runs, key=lambda run: run["open_s"])[len(runs) // 2]
             print(
-                f"first paint (headless Chromium, file://, median of {len(runs)} fresh launches): "
-                f"{timing['first_paint_s']:.2f} s wall (runs {', '.join(f'{w:.2f}' for w in walls)} s), "
-                f"Chromium CPU {timing['cpu_s']:.1f} s (target <= 5 s; {_load()}); "
-                f"card data parsed at {timing['cards_parsed_s']:.2f} s "
-                f"(inflated {timing['inflate_ms']:.0f} ms and parsed {timing['decode_ms']:.0f} ms after the "
-                "card script started); "
-                f"a card is decoded and built in {timing['card_ms']:.0f} ms"
+                f"opens (headless Chromium, file://, median of {len(runs)} fresh launches): map on screen and "
+                f"card data parsed at {median['open_s']:.2f} s (runs {', '.join(f'{o:.2f}' for o in opens)} s; "
+                f"target <= 5 s; {_load()}); in the median run: map on screen {median['first_paint_s']:.2f} s, "
+                f"cards parsed {median['cards_s']:.2f} s, "
+                f"WebGL map shown {median['live_s']:.2f} s, Chromium CPU {median['cpu_s']:.1f} s; "
+                f"a card is decoded and built in {median['card_ms']:.0f} ms"
             )
 
 

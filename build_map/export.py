@@ -235,8 +235,13 @@ def assemble_html(map_html: str, card_text: str, n_bytes: int) -> str:
         f'data-bytes="{n_bytes}">{card_text}</script>\n'
         f"<script>\n{_asset('export_card.js')}\n</script>\n"
     )
-    index = map_html.rfind("</html>")
-    return map_html + panel if index < 0 else map_html[:index] + panel + map_html[index:]
+    # First in the body: the card data is decoded (in a worker) while the parser reads the rest
+    # of the page, and the map's module script, which runs once the parser is done, finds the
+    # panel's script already in place.
+    body = re.compile(r"<body[^>]*>").search(map_html, max(map_html.find("</head>"), 0))
+    if body is None:
+        raise ValueError("the map page has no <body> tag to put the feature cards in")
+    return map_html[: body.end()] + "\n" + panel + map_html[body.end() :]
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,14 +14,12 @@
   const DATA_ID = 'sae-card-data';
   const MAX_RESULTS = 12;
   const HASH_PREFIX = '#feature=';
-  const CARDS_AT_THE_LATEST_MS = 4000;
-  const t0 = performance.now();
 
   const state = {
     ready: false, // card data decoded
-    mapReady: false, // map points loaded and drawn
+    mapReady: false, // the WebGL map is drawn and interactive
     error: null,
-    timings: {},
+    timings: { script_ms: performance.now() }, // ms since navigation start; card_ms: opening one card
     header: null,
     arrays: null,
     current: null, // feature id of the open card
@@ -103,8 +101,7 @@
     return decode;
   }
 
-  // The worker starts with the page and gets the text later: starting a worker needs the page's
-  // main thread, which the map's first frame can hold for a second or more without a GPU.
+  // Decoding on the page would hold its main thread for a second: a worker does it instead.
   function startDecodingWorker() {
     const source = new Blob(['(' + cardDataDecoder.toString() + ')();'], { type: 'text/javascript' });
     const url = URL.createObjectURL(source);
@@ -198,9 +195,9 @@
       console.warn('feature cards: decoding on the page, not in a worker:', error);
       buffer = await cardDataDecoder()(text, nBytes);
     }
-    state.timings.inflate_ms = performance.now() - t0;
+    state.timings.inflated_ms = performance.now();
     Object.assign(state, parse(buffer));
-    state.timings.decode_ms = performance.now() - t0;
+    state.timings.cards_ms = performance.now();
   }
 
   // Canonical Huffman codes (zlib's puff): `counts[len]` codes of each length; symbol ids are
@@ -565,13 +562,23 @@
 
   // ------------------------------------------------------------------ start
 
-  const nextFrame = () => new Promise((resolve) => requestAnimationFrame(() => resolve()));
-  const delay = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
   const decodingWorker = startDecodingWorker();
+  // The card data comes before this script in the page (build_map/export.py), so it is decoded
+  // from here on, in a worker, while the parser is still reading the map's libraries and data
+  // (one core parses, the other decodes).
+  const cardsReady = decode()
+    .then(() => {
+      state.ready = true;
+    })
+    .catch((error) => {
+      state.error = String(error);
+      console.error('feature cards:', error);
+    });
 
   // The map page's module script (and so window.saeMap) has run by DOMContentLoaded.
   const bridge = new Promise((resolve, reject) => {
     document.addEventListener('DOMContentLoaded', () => {
+      state.timings.dom_ms = performance.now();
       setUpSearch();
       if (window.saeMap) resolve(window.saeMap);
       else reject(new Error('the map bridge (window.saeMap) is missing'));
@@ -582,28 +589,15 @@
     .then(() => {
       initialZoom = datamap.deckgl.props.initialViewState.zoom;
     });
+  bridge
+    .then((saeMap) => saeMap.firstPaint)
+    .then(() => (state.timings.first_paint_ms = performance.now()));
   mapLoaded
-    .then(nextFrame)
-    .then(nextFrame)
+    .then(() => window.saeMap.live)
     .then(() => {
       state.mapReady = true;
-      state.timings.map_ms = performance.now() - t0;
+      state.timings.map_ms = performance.now();
     })
     .catch((error) => console.error('feature cards:', error));
-  // On a small machine the map's start-up (its data workers, shader linking, the first frame of
-  // every point) and the card data's decoding compete for the same cores. The map comes first:
-  // decoding starts once its points and labels are handed to deck.gl, so it runs beside the
-  // drawing of the first frame; a page whose map never gets there still gets its cards after
-  // CARDS_AT_THE_LATEST_MS.
-  const firstLayers = bridge.then((saeMap) => saeMap.firstLayers);
-  const cardsReady = Promise.race([firstLayers.catch(() => {}), delay(CARDS_AT_THE_LATEST_MS)])
-    .then(decode)
-    .then(() => {
-      state.ready = true;
-    })
-    .catch((error) => {
-      state.error = String(error);
-      console.error('feature cards:', error);
-    });
-  cardsReady.then(applyHash);
+  Promise.all([cardsReady, bridge.catch(() => {})]).then(applyHash);
 })();

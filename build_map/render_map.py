@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 NOISE_LABEL = "Unlabelled"
 PATH_SEPARATOR = " \u203a "  # " › "
 BASE_COLUMNS = ("feature", "x", "y", "label", "density", "max_act", "top_tokens", "dead", "hidden")
-BRIDGE_FILE = "map_bridge.js"
+# The map page's own scripts, in order: the first-view picture, then the bridge that uses it.
+BRIDGE_FILES = ("map_preview.js", "map_bridge.js")
 
 # Inside a JS template literal: escape a value for HTML (DataMapPlot inserts the tooltip as HTML).
 _JS_ESCAPE = "String({expr}).replace(/[&<>\"']/g, c => '&#' + c.charCodeAt(0) + ';')"
@@ -201,9 +202,12 @@ def _native_base64(page: str) -> str:
 
 
 def _bridge_js(static: Path) -> str:
-    bridge = (static / BRIDGE_FILE).read_text(encoding="utf-8")
-    assert "</script" not in bridge.lower(), "map_bridge.js must not contain a closing script tag"
-    return bridge
+    parts = []
+    for name in BRIDGE_FILES:
+        text = (static / name).read_text(encoding="utf-8")
+        assert "</script" not in text.lower(), f"{name} must not contain a closing script tag"
+        parts.append(text)
+    return "\n".join(parts)
 
 
 def _plot(

@@ -43,9 +43,9 @@
     if (window.parent !== window) window.parent.postMessage(message, '*');
   }
 
-  function pointClicked(index) {
-    if (!datamap.metaData || index == null || index < 0) return;
-    const feature = datamap.metaData.feature[index];
+  function pointClicked(index, metaData = datamap.metaData) {
+    if (!metaData || index == null || index < 0) return;
+    const feature = metaData.feature[index];
     postToParent({ type: 'feature-click', feature: feature });
     window.dispatchEvent(new CustomEvent('sae-feature-click', { detail: { feature: feature } }));
   }
@@ -116,25 +116,54 @@
     else queue.push(message);
   });
 
-  // The first frame. Without a GPU (software WebGL) a frame that draws all the points costs about
-  // a second, blocks the page's main thread while it is copied out, and each label font means a
-  // new glyph atlas. DataMapPlot adds labels, points and hover data each as soon as its worker has
-  // decoded it, the labels before the embedded web font has loaded (so in a fallback face, redone
-  // once the font is in): a labels-only frame, a points frame, a frame with both, and hover data
-  // that waits behind them. Holding the three until all are decoded and the font is in gives one
-  // glyph atlas and one first frame, with the map's data complete before it is drawn.
+  // The first frame. Without a GPU (software WebGL) deck.gl's first frame costs seconds: each
+  // shader program is translated and compiled on the CPU, and while the canvas is on screen the
+  // page's main thread waits for the frame to be copied out. DataMapPlot adds labels, points and
+  // hover data each as soon as its worker has decoded it, the labels before the embedded web font
+  // has loaded (so in a fallback face, redone once the font is in). Instead, once all three are
+  // decoded and the font is in:
+  //   1. a 2D-canvas picture of the first view is drawn (map_preview.js) and reaches the screen;
+  //   2. the three are handed to deck.gl in one tick (one glyph atlas, one first frame), its canvas
+  //      hidden, so the main thread stays free (card data, search, clicks on the picture);
+  //   3. when the GPU has finished that frame (a fence), the WebGL canvas is shown and the picture
+  //      removed: `live`.
   const fontLoaded = document.fonts.load(LABEL_FONT, 'a\u0100').catch((error) => {
     console.warn('map bridge: label font did not load', error);
   });
   const FIRST = { points: 'addPoints', labels: 'addLabels', metadata: 'addMetaData' };
-  const held = {};
-  let firstLayersAdded;
-  const firstLayers = new Promise((resolve) => (firstLayersAdded = resolve));
+  const originals = {};
+  const held = {}; // name -> the arguments DataMapPlot called it with
+  const settled = () => {
+    let resolve;
+    const promise = new Promise((done) => (resolve = done));
+    return [promise, resolve];
+  };
+  const [firstLayers, firstLayersAdded] = settled();
+  const [firstPaint, firstPainted] = settled();
+  const [live, wentLive] = settled();
+  const nextFrame = () => new Promise((resolve) => requestAnimationFrame(() => resolve()));
+  const afterNextPaint = () => nextFrame().then(() => new Promise((resolve) => setTimeout(resolve, 0)));
+
+  function drawPreview() {
+    try {
+      return drawMapPreview({
+        canvas: datamap.deckgl.canvas,
+        viewState: datamap.deckgl.props.initialViewState,
+        points: held.points[0],
+        pointOptions: held.points[1] || {},
+        labels: held.labels[0],
+        labelOptions: held.labels[1] || {},
+        fontStack: LABEL_FONT_STACK,
+        onPointClick: (index) => pointClicked(index, held.metadata[0]),
+      });
+    } catch (error) {
+      console.warn('map bridge: no preview of the map', error);
+      return null;
+    }
+  }
 
   function addFirstLayers() {
-    held.points();
-    held.labels();
-    held.metadata();
+    for (const name of Object.keys(FIRST)) originals[name](...held[name]);
     // Same tick as addLabels, so the layer is first drawn (and its atlas built) with the stack.
     const layer = datamap.labelLayer.clone({ fontFamily: LABEL_FONT_STACK });
     datamap.layers = datamap.layers.map((other) => (other === datamap.labelLayer ? layer : other));
@@ -144,13 +173,70 @@
     firstLayersAdded();
   }
 
+  function showWhenDrawn(preview) {
+    const canvas = datamap.deckgl.canvas;
+    const show = () => {
+      canvas.style.visibility = '';
+      nextFrame()
+        .then(nextFrame)
+        .then(() => {
+          if (preview) preview.remove();
+          wentLive();
+        });
+    };
+    if (!preview) return afterFirstRender().then(show);
+    canvas.style.visibility = 'hidden';
+    return afterFirstRender().then(gpuFinished).then(show);
+  }
+
+  // Resolves with the WebGL context after deck.gl has issued its first frame with the layers.
+  function afterFirstRender() {
+    return new Promise((resolve) => {
+      const previous = datamap.deckgl.props.onAfterRender;
+      datamap.deckgl.setProps({
+        onAfterRender: (context) => {
+          datamap.deckgl.setProps({ onAfterRender: previous });
+          if (previous) previous(context);
+          resolve(context && (context.gl || (context.device && context.device.gl)));
+        },
+      });
+    });
+  }
+
+  // Resolves when the GPU has executed everything issued so far (WebGL2 fence; polled, because
+  // waiting on it would block the main thread). WebGL1: two animation frames.
+  function gpuFinished(gl) {
+    if (!gl || typeof gl.fenceSync !== 'function') return nextFrame().then(nextFrame);
+    const sync = gl.fenceSync(gl.SYNC_GPU_COMMANDS_COMPLETE, 0);
+    gl.flush();
+    return new Promise((resolve) => {
+      const poll = () => {
+        if (gl.isContextLost() || gl.getSyncParameter(sync, gl.SYNC_STATUS) === gl.SIGNALED) {
+          gl.deleteSync(sync);
+          resolve();
+        } else setTimeout(poll, 25);
+      };
+      poll();
+    });
+  }
+
+  function start() {
+    const preview = drawPreview();
+    // The picture reaches the screen before deck.gl's first frame takes the main thread.
+    return afterNextPaint().then(() => {
+      if (preview) firstPainted();
+      addFirstLayers();
+      return showWhenDrawn(preview).then(() => firstPainted());
+    });
+  }
+
   for (const [name, method] of Object.entries(FIRST)) {
-    const original = datamap[method].bind(datamap);
+    originals[name] = datamap[method].bind(datamap);
     datamap[method] = (...args) => {
-      datamap[method] = original; // later calls go straight through
-      held[name] = () => original(...args);
+      datamap[method] = originals[name]; // later calls go straight through
+      held[name] = args;
       if (Object.keys(FIRST).every((key) => held[key])) {
-        fontLoaded.then(addFirstLayers).catch((error) => console.error('map bridge:', error));
+        fontLoaded.then(start).catch((error) => console.error('map bridge:', error));
       }
     };
   }
@@ -167,6 +253,8 @@
   window.saeMap = {
     ready: ready,
     firstLayers: firstLayers, // points, labels (in the web font) and hover data handed to deck.gl
+    firstPaint: firstPaint, // the map is on screen (the preview picture, or the WebGL map without one)
+    live: live, // the WebGL map is on screen and interactive
     pointClicked: pointClicked,
     rowOf: (feature) => (rowOfFeature ? rowOfFeature.get(Number(feature)) : undefined),
     highlight: (features, id) => ready.then(() => highlight({ features: features, id: id })),

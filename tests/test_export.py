@@ -175,7 +175,10 @@ def test_untrusted_text_is_not_live_html(exported):
     _, html = exported
     assert "<script>alert" not in html
     assert "Water <places>" not in html
-    assert "innerHTML" not in html[html.index('id="sae-card-data"') :]  # the card script builds text nodes
+    data = html.index('id="sae-card-data"')
+    card_script = html[data : html.index("</script>", html.index("<script>", data))]
+    assert "window.saeCards" in card_script
+    assert "innerHTML" not in card_script  # the card script builds text nodes
 
 
 def test_hidden_features_absent(exported):

@@ -199,7 +199,7 @@ def test_map_in_browser_clicks_and_highlights(page, features, tmp_path):
         tab.goto((tmp_path / "parent.html").as_uri())
         tab.wait_for_function("window.received.some(m => m.type === 'map-ready')", timeout=120_000)
         frame = tab.locator("#map").element_handle().content_frame()
-        frame.evaluate("window.saeMap.firstLayers")
+        frame.evaluate("window.saeMap.live")  # the WebGL map, not the preview picture, takes the clicks
         assert frame.evaluate("datamap.pointData.x.length") == len(shown)
 
         # Click a point that is not covered by another: the parent gets its feature id.
@@ -239,5 +239,110 @@ def test_map_in_browser_clicks_and_highlights(page, features, tmp_path):
         frame.fill("#text-search", "script")
         frame.wait_for_function(f"{selected}.length === 1 && {selected}[0] === 0", timeout=10_000)
 
+    assert browser.blocked == []
+    assert not [line for line in browser.console if line.startswith("pageerror")], browser.console
+
+
+# Holds the map's WebGL canvas back (its GPU fence never signals) until window.holdGpu is false,
+# so the preview picture can be looked at and clicked; records the clicks the page reports.
+HOLD_WEBGL = """
+window.holdGpu = true;
+window.clicks = [];
+window.addEventListener('sae-feature-click', (event) => window.clicks.push(event.detail.feature));
+const getSyncParameter = WebGL2RenderingContext.prototype.getSyncParameter;
+WebGL2RenderingContext.prototype.getSyncParameter = function (sync, name) {
+  if (window.holdGpu && name === this.SYNC_STATUS) return this.UNSIGNALED;
+  return getSyncParameter.call(this, sync, name);
+};
+"""
+
+# A row whose point (on the preview, in the initial view) has no other point within 8 px: [row, x, y].
+ISOLATED_POINT = """() => {
+  const viewport = new deck.WebMercatorViewport({
+    width: datamap.deckgl.canvas.clientWidth, height: datamap.deckgl.canvas.clientHeight,
+    ...datamap.deckgl.props.initialViewState,
+  });
+  const xy = Array.from(datamap.pointData.x, (x, i) => viewport.project([x, datamap.pointData.y[i]]));
+  for (let i = 5; i < xy.length; i++) {
+    const near = xy.some(([x, y], j) => j !== i && Math.hypot(x - xy[i][0], y - xy[i][1]) < 8);
+    if (!near) return [i, xy[i][0], xy[i][1]];
+  }
+  return null;
+}"""
+
+
+# What is not points, as [x0, y0, x1, y1] boxes: the page's panels (title, search, colour menu),
+# and every label's text (initial view; sizes clamped as the page draws them).
+NOT_POINTS = """() => {
+  const viewport = new deck.WebMercatorViewport({
+    width: datamap.deckgl.canvas.clientWidth, height: datamap.deckgl.canvas.clientHeight,
+    ...datamap.deckgl.props.initialViewState,
+  });
+  const labels = datamap.labelLayer.props.data.map((d) => {
+    const [x, y] = viewport.project([d.x, d.y]);
+    const size = Math.min(datamap.textMaxPixelSize, Math.max(datamap.textMinPixelSize, d.size));
+    const halfWidth = 0.3 * String(d.label).length * size + 4;
+    return [x - halfWidth, y - 0.7 * size, x + halfWidth, y + 0.7 * size];
+  });
+  const panels = [...document.querySelectorAll('.container-box')].map((element) => {
+    const r = element.getBoundingClientRect();
+    return [r.left, r.top, r.right, r.bottom];
+  });
+  return labels.concat(panels);
+}"""
+
+
+def _point_ink(png: bytes, not_points: list[list[float]], size: int = 20) -> np.ndarray:
+    """The screenshot as a grid of size x size blocks: each block's mean darkness (0: the white
+    page), NaN for blocks under a label (the preview's labels approximate deck.gl's) or a panel."""
+    from PIL import Image
+
+    ink = 1 - np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32) / 255
+    for x0, y0, x1, y1 in not_points:
+        ink[max(int(y0), 0) : max(int(y1), 0), max(int(x0), 0) : max(int(x1), 0)] = np.nan
+    h, w = (ink.shape[0] // size) * size, (ink.shape[1] // size) * size
+    return ink[:h, :w].reshape(h // size, size, w // size, size).mean(axis=(1, 3))
+
+
+@pytest.mark.browser
+def test_preview_shows_the_map_until_webgl_has_drawn_it(page, features, tmp_path):
+    (tmp_path / "map.html").write_text(page, encoding="utf-8")
+    shown = visible_features(features)
+    with offline_browser() as browser:
+        tab = browser.new_page((1000, 700))
+        tab.add_init_script(HOLD_WEBGL)
+        tab.goto((tmp_path / "map.html").as_uri())
+        tab.wait_for_function("window.saeMap", timeout=120_000)
+        tab.evaluate("window.saeMap.firstPaint")
+
+        # The picture is up, the WebGL canvas hidden behind it.
+        assert tab.evaluate("document.querySelectorAll('canvas.sae-map-preview').length") == 1
+        assert tab.evaluate("datamap.deckgl.canvas.style.visibility") == "hidden"
+        preview = tab.screenshot()
+        not_points = tab.evaluate(NOT_POINTS)
+
+        # A click on the picture picks the point under it, as a click on the WebGL map would.
+        row, x, y = tab.evaluate(ISOLATED_POINT)
+        tab.mouse.click(x, y)
+        tab.wait_for_function("window.clicks.length === 1", timeout=10_000)
+        assert tab.evaluate("window.clicks") == [int(shown["feature"].iloc[row])]
+        tab.mouse.click(5, 690)  # empty corner: no point, no event
+        assert tab.evaluate("window.clicks.length") == 1
+
+        # Once the GPU has finished deck.gl's first frame, the WebGL map replaces the picture.
+        tab.evaluate("window.holdGpu = false")
+        tab.evaluate("window.saeMap.live")
+        assert tab.evaluate("document.querySelectorAll('canvas.sae-map-preview').length") == 0
+        assert tab.evaluate("datamap.deckgl.canvas.style.visibility") == ""
+        live = tab.screenshot()
+
+    # The same points in the same places and colours (NaN: blocks under labels, left out).
+    before, after = _point_ink(preview, not_points), _point_ink(live, not_points)
+    compared = ~np.isnan(before)
+    assert compared.mean() > 0.3
+    before, after = before[compared], after[compared]
+    # (Measured: 0.02% apart; drawing the discs twice as wide puts them 6% apart.)
+    assert after.sum() > 0.05  # the WebGL map drew points outside the labels
+    assert np.abs(before - after).sum() < 0.02 * after.sum(), (np.abs(before - after).sum(), after.sum())
     assert browser.blocked == []
     assert not [line for line in browser.console if line.startswith("pageerror")], browser.console
