@@ -145,6 +145,7 @@
   const afterNextPaint = () => nextFrame().then(() => new Promise((resolve) => setTimeout(resolve, 0)));
 
   function drawPreview() {
+    const start = performance.now();
     try {
       return drawMapPreview({
         canvas: datamap.deckgl.canvas,
@@ -159,6 +160,8 @@
     } catch (error) {
       console.warn('map bridge: no preview of the map', error);
       return null;
+    } finally {
+      window.saeMap.previewMs = performance.now() - start;
     }
   }
 

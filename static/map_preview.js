@@ -3,10 +3,10 @@
 //
 // Without a GPU (software WebGL) deck.gl's first frame takes seconds: every shader program is
 // translated and compiled on the CPU. Drawing the same points (positions, colours, radii) and the
-// labels that deck.gl's collision filter would keep, from the decoded data and for the same initial
-// view, costs tens of milliseconds, so the map is on screen while that work goes on. The WebGL
-// canvas replaces the picture once its first frame is complete (map_bridge.js). A click on the
-// picture picks the nearest point, as a click on the WebGL map would.
+// labels that deck.gl's collision filter would keep, from the decoded data and for the same
+// initial view, is quick (saeMap.previewMs), so the map is on screen while that work goes on. The
+// WebGL canvas replaces the picture once its first frame is complete (map_bridge.js). A click on
+// the picture picks the nearest point, as a click on the WebGL map would.
 
 // eslint-disable-next-line no-unused-vars
 function drawMapPreview({ canvas, viewState, points, pointOptions, labels, labelOptions, fontStack, onPointClick }) {
@@ -62,7 +62,7 @@ function drawMapPreview({ canvas, viewState, points, pointOptions, labels, label
   drawLabels();
 
   function drawPoints(image) {
-    // Discs straight into the pixels (arc() per point is several times slower), shaded as deck.gl's
+    // Discs written straight into the pixels (no canvas path per point), shaded as deck.gl's
     // scatterplot shader does: a smooth edge one pixel wide, where the fill colour turns into the
     // outline colour (DataMapPlot strokes every point with a hairline), blended "source over".
     const outline = pointOptions.pointOutlineColor || [250, 250, 250, 128];
