@@ -180,7 +180,7 @@
     const canvas = datamap.deckgl.canvas;
     const show = () => {
       canvas.style.visibility = '';
-      nextFrame()
+      return nextFrame()
         .then(nextFrame)
         .then(() => {
           if (preview) preview.remove();
