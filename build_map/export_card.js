@@ -19,7 +19,7 @@
     ready: false, // card data decoded
     mapReady: false, // the WebGL map is drawn and interactive
     error: null,
-    timings: { script_ms: performance.now() }, // ms since navigation start; card_ms: opening one card
+    timings: {}, // ms since navigation start; card_ms: how long opening one card took
     header: null,
     arrays: null,
     current: null, // feature id of the open card
@@ -195,7 +195,6 @@
       console.warn('feature cards: decoding on the page, not in a worker:', error);
       buffer = await cardDataDecoder()(text, nBytes);
     }
-    state.timings.inflated_ms = performance.now();
     Object.assign(state, parse(buffer));
     state.timings.cards_ms = performance.now();
   }
@@ -578,7 +577,6 @@
   // The map page's module script (and so window.saeMap) has run by DOMContentLoaded.
   const bridge = new Promise((resolve, reject) => {
     document.addEventListener('DOMContentLoaded', () => {
-      state.timings.dom_ms = performance.now();
       setUpSearch();
       if (window.saeMap) resolve(window.saeMap);
       else reject(new Error('the map bridge (window.saeMap) is missing'));

@@ -138,7 +138,6 @@
     const promise = new Promise((done) => (resolve = done));
     return [promise, resolve];
   };
-  const [firstLayers, firstLayersAdded] = settled();
   const [firstPaint, firstPainted] = settled();
   const [live, wentLive] = settled();
   const nextFrame = () => new Promise((resolve) => requestAnimationFrame(() => resolve()));
@@ -173,7 +172,6 @@
     datamap.labelLayer = layer;
     datamap.fontFamily = LABEL_FONT_STACK;
     datamap.deckgl.setProps({ layers: [...datamap.layers] });
-    firstLayersAdded();
   }
 
   function showWhenDrawn(preview) {
@@ -255,7 +253,6 @@
 
   window.saeMap = {
     ready: ready,
-    firstLayers: firstLayers, // points, labels (in the web font) and hover data handed to deck.gl
     firstPaint: firstPaint, // the map is on screen (the preview picture, or the WebGL map without one)
     live: live, // the WebGL map is on screen and interactive
     pointClicked: pointClicked,

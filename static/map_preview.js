@@ -136,8 +136,9 @@ function drawMapPreview({ canvas, viewState, points, pointOptions, labels, label
     // deck.gl 9.1 shows on a 65k-point map; a label or two may still differ until the swap.
     const rects = candidates.map(({ d, x, y }) => {
       const size = Math.max(d.size * collisionScale, minSize * 2);
-      const halfWidth = box(d, size).width / 2 + COLLISION_BOX_EM.side * size;
-      const halfHeight = (COLLISION_BOX_EM.height * size * String(d.label).split('\n').length) / 2;
+      const test = box(d, size);
+      const halfWidth = test.width / 2 + COLLISION_BOX_EM.side * size;
+      const halfHeight = (COLLISION_BOX_EM.height * size * test.lines.length) / 2;
       return [x - halfWidth, y - halfHeight, x + halfWidth, y + halfHeight];
     });
     const order = candidates.map((_, k) => k).sort((a, b) => candidates[b].priority - candidates[a].priority);
@@ -202,5 +203,5 @@ function drawMapPreview({ canvas, viewState, points, pointOptions, labels, label
     if (index >= 0 && onPointClick) onPointClick(index);
   });
   canvas.insertAdjacentElement('afterend', preview);
-  return { element: preview, pointAt, remove: () => preview.remove() };
+  return { remove: () => preview.remove() };
 }
