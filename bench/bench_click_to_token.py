@@ -14,8 +14,8 @@ import argparse
 import statistics
 import time
 
-from explorer.app import ExplorerSession
 from explorer.cli import load_shared
+from explorer.ui.app import ExplorerSession
 
 
 def main() -> None:

@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from build_map import bundle as bundle_format  # noqa: E402
-from build_map.export import export_bundle  # noqa: E402
+from build_map.bundle import schema as bundle_format  # noqa: E402
+from build_map.render.export.page import export_bundle  # noqa: E402
 
 VOCAB = 49152
 

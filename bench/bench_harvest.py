@@ -18,9 +18,10 @@ import time
 
 import torch
 
-from build_map.corpus import CorpusConfig, token_sequences
-from build_map.harvest import batch_sequences, compute_dtype, iter_activation_batches, pad_batch
-from build_map.models import load_model
+from build_map.activations.batches import batch_sequences, iter_activation_batches, pad_batch
+from build_map.common.devices import model_in_dtype
+from build_map.lm.corpus import CorpusConfig, token_sequences
+from build_map.lm.models import load_model
 
 
 class Timer:
@@ -94,7 +95,7 @@ def main() -> None:
         f"{args.batch_tokens}), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     fp32, fp32_acts = harvest(model, tokenizer, hookpoint, sequences, args.batch_tokens)
-    with compute_dtype(model, torch.bfloat16) as bf16_model:
+    with model_in_dtype(model, torch.bfloat16) as bf16_model:
         bf16, bf16_acts = harvest(bf16_model, tokenizer, hookpoint, sequences, args.batch_tokens)
         full = full_forward(model, tokenizer, sequences, args.batch_tokens)
         print(f"cut forward fp32:  {fp32.rates(n)}  {full.wall / fp32.wall:.2f}x the full forward")

@@ -81,8 +81,9 @@ def _child(method: str, data_path: str, out_path: str, verbose: bool = False) ->
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     timings: dict[str, float] = {}
     if method == "ours":
-        from build_map.cluster import ClusterConfig, cluster_levels
-        from build_map.project import ProjectConfig, project_directions
+        from build_map.geometry.clusters import ClusterConfig, cluster_levels
+        from build_map.geometry.config import ProjectConfig
+        from build_map.geometry.projection import project_directions
 
         xy = project_directions(directions, ProjectConfig())
         timings["projection_s"] = time.perf_counter() - start
@@ -124,7 +125,7 @@ def _run(method: str, data_path: Path, work: Path, cache: Path, tag: str) -> tup
 
 
 def _trust(directions: np.ndarray, xy: np.ndarray, args: argparse.Namespace) -> float:
-    from build_map.project import trustworthiness_sample
+    from build_map.geometry.projection import trustworthiness_sample
 
     return trustworthiness_sample(directions, xy, n_sample=args.sample, k=args.k, seed=args.seed)
 

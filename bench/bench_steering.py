@@ -26,15 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from build_map.models import default_hookpoint, load_model, resolve_hookpoint  # noqa: E402
-from build_map.paths import cache_dir  # noqa: E402
-from build_map.sae import SAEConfig, SparseAutoencoder, load_sae  # noqa: E402
-from explorer.steering import (  # noqa: E402
-    Edit,
-    SamplingConfig,
-    SteeringEngine,
-    SteeringRequest,
-)
+from build_map.common.paths import cache_dir  # noqa: E402
+from build_map.lm.hookpoints import default_hookpoint, resolve_hookpoint  # noqa: E402
+from build_map.lm.models import load_model  # noqa: E402
+from build_map.sae.formats import load_sae  # noqa: E402
+from build_map.sae.model import SAEConfig, SparseAutoencoder  # noqa: E402
+from build_map.steering.engine import SteeringEngine
+from build_map.steering.requests import Edit, SamplingConfig, SteeringRequest
 
 PROMPTS = [
     "What is a good name for a cat?",

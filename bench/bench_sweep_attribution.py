@@ -5,7 +5,7 @@ Prints the wall time of a batched sweep of 8 strengths × 4 prompts × 48 new to
 attribution over a ~80-token chat (target <= 1 s), each with the load average at that moment:
 the machine may be shared, and a load above the core count slows every figure.
 
-SAE: the cached demo SAE when ``build_map.demo_sae.demo_sae_folder()`` is complete, else a random
+SAE: the cached demo SAE when ``build_map.pipeline.demo.demo_sae_folder()`` is complete, else a random
 TopK SAE with 4,608 latents (timings do not depend on what the features mean; its scales are max
 activations measured on the prompts).
 
@@ -25,15 +25,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from build_map.demo_sae import DEMO_HOOKPOINT, demo_sae_folder  # noqa: E402
-from build_map.harvest import cut_forward  # noqa: E402
-from build_map.models import d_model, load_model  # noqa: E402
-from build_map.sae import SAEConfig, SparseAutoencoder, load_sae  # noqa: E402
-from build_map.train import METRICS_FILE  # noqa: E402
-from explorer.attribution import attribute_token  # noqa: E402
-from explorer.steering import SteeringEngine  # noqa: E402
-from explorer.sweep import DEFAULT_PROMPTS, DEFAULT_STRENGTHS, reread, suggest_window  # noqa: E402
-from explorer.sweep import sweep as run_sweep  # noqa: E402
+from build_map.lm.capture import cut_forward  # noqa: E402
+from build_map.lm.hookpoints import d_model  # noqa: E402
+from build_map.lm.models import load_model  # noqa: E402
+from build_map.pipeline.demo import DEMO_HOOKPOINT, demo_sae_folder  # noqa: E402
+from build_map.sae.formats import load_sae  # noqa: E402
+from build_map.sae.model import SAEConfig, SparseAutoencoder  # noqa: E402
+from build_map.sae.train import METRICS_FILE  # noqa: E402
+from build_map.steering.attribution import attribute_token  # noqa: E402
+from build_map.steering.engine import SteeringEngine  # noqa: E402
+from build_map.steering.sweep import DEFAULT_PROMPTS, DEFAULT_STRENGTHS, reread  # noqa: E402
+from build_map.steering.sweep import sweep as run_sweep  # noqa: E402
+from build_map.steering.sweep_window import suggest_window  # noqa: E402
 
 
 def load_average() -> str:

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from build_map.train import TrainConfig, train_sae
+from build_map.sae.train import train_sae
+from build_map.sae.train_config import TrainConfig
 
 
 def synthetic(n: int, d_in: int = 576, n_planted: int = 8192, active: int = 24, seed: int = 0) -> np.ndarray:

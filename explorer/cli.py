@@ -1,11 +1,7 @@
 """``explore BUNDLE``: load a map bundle, its model and SAE, and serve the explorer.
 
-The bundle's manifest names what to load (``--model`` / ``--sae`` override it):
-  manifest["model"]["spec"]   HF id, folder or .gguf; None or "embedded" = the embedded default
-  manifest["hookpoint"]       e.g. "model.layers.15"
-  manifest["sae"]["path"]     SAE file or folder (relative paths: against the bundle folder first)
-  manifest["sae"]["sha256"]   checked against the file, so stale bundles are caught
-  manifest["sae"]["format"]   informational (load_sae detects the format)
+The bundle's manifest names what to load (``--model`` / ``--sae`` override it; see
+``build_map.bundle.sources``).
 """
 
 from __future__ import annotations
@@ -13,13 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-from build_map.bundle import Bundle, BundleError, load_bundle
+from build_map.cli.base import run_command
 
 logger = logging.getLogger(__name__)
-
-EMBEDDED_SPECS = (None, "", "embedded", "default")
 
 
 class ExploreError(ValueError):
@@ -72,56 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def model_spec(bundle: Bundle, override: str | None) -> str | None:
-    if override:
-        return override
-    spec = (bundle.manifest.get("model") or {}).get("spec")
-    return None if spec in EMBEDDED_SPECS else str(spec)
-
-
-def sae_path(bundle: Bundle, override: str | None) -> Path:
-    if override:
-        path = Path(override).expanduser()
-        if not path.exists():
-            raise ExploreError(f"--sae {override}: no such file or folder.")
-        return path
-    raw = (bundle.manifest.get("sae") or {}).get("path")
-    if not raw:
-        raise ExploreError(f"{bundle.path / 'manifest.json'} names no SAE (sae.path); pass --sae PATH.")
-    path = Path(raw).expanduser()
-    candidates = [path] if path.is_absolute() else [bundle.path / path, Path.cwd() / path]
-    for candidate in candidates:
-        if candidate.exists():
-            return candidate
-    raise ExploreError(
-        f"The SAE this bundle was built from is not at {raw} (manifest sae.path); pass --sae PATH to it."
-    )
-
-
-def check_sae_hash(bundle: Bundle, path: Path, explicit: bool) -> None:
-    """Refuse an SAE other than the bundle's (its map would describe other features)."""
-    from build_map.sae import file_sha256
-
-    expected = (bundle.manifest.get("sae") or {}).get("sha256")
-    if not expected:
-        return
-    actual = file_sha256(path)
-    if actual == expected:
-        return
-    message = (
-        f"{path} (sha256 {actual[:12]}…) is not the SAE this bundle was built from (sha256 {expected[:12]}…)"
-    )
-    if explicit:
-        logger.warning("%s; using it as you asked, but the map and cards describe the other SAE.", message)
-        return
-    raise ExploreError(f"{message}. Rebuild the bundle for this SAE, or pass --sae to use it anyway.")
-
-
 def load_shared(args: argparse.Namespace):
     """Bundle, model, SAE, engine: everything the sessions share."""
-    from explorer.app import SharedState
-    from explorer.chat import ReplyFeatures
-    from explorer.session import load_parts, make_engine
+    from build_map.bundle.read import load_bundle
+    from build_map.steering.reply_features import ReplyFeatures
+    from build_map.steering.session import load_parts, make_engine
+    from explorer.ui.app import SharedState
 
     bundle = load_bundle(args.bundle)
     loaded, sae, hookpoint = load_parts(
@@ -132,37 +81,36 @@ def load_shared(args: argparse.Namespace):
     return SharedState(bundle, engine, ReplyFeatures(engine, bundle), title=title)
 
 
+def serve(args: argparse.Namespace) -> int:
+    from explorer.server import make_server, run, url_for
+
+    shared = load_shared(args)
+    try:
+        try:
+            server = make_server(
+                shared,
+                host=args.host,
+                port=args.port,
+                show=not args.no_show,
+                allowed_origins=args.allow_origin,
+            )
+        except OSError as exc:
+            raise ExploreError(
+                f"cannot listen on {args.host}:{args.port} ({exc}); pass another --port."
+            ) from exc
+        print(f"Explorer ready at {url_for(args.host, server.port)}  (Ctrl+C to stop)", flush=True)
+        run(server)
+    finally:
+        shared.engine.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    from build_map.models import HookpointError, ModelLoadError
-    from build_map.sae import SAEError
-    from explorer.server import make_server, run, url_for
-    from explorer.steering import SteeringError
-
-    try:
-        shared = load_shared(args)
-    except (BundleError, ExploreError, ModelLoadError, HookpointError, SAEError, SteeringError) as exc:
-        print(f"explore: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        server = make_server(
-            shared, host=args.host, port=args.port, show=not args.no_show, allowed_origins=args.allow_origin
-        )
-    except OSError as exc:
-        print(
-            f"explore: error: cannot listen on {args.host}:{args.port} ({exc}); pass another --port.",
-            file=sys.stderr,
-        )
-        return 2
-    print(f"Explorer ready at {url_for(args.host, server.port)}  (Ctrl+C to stop)", flush=True)
-    try:
-        run(server)
-    finally:
-        shared.engine.close()
-    return 0
+    return run_command(lambda: serve(args), prefix="explore: error: ")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ under any other name (a proxy, a DNS alias) needs ``--allow-origin NAME``.
 
 Offline: the page uses no Panel template (FastListTemplate pulls Open Sans from Google Fonts)
 and no icon buttons (Bokeh's TablerIcon loads its font from a CDN); Bokeh and Panel's own JS/CSS
-come from this server. The map (map.html) is self-contained (see build_map/offline_assets.py).
+come from this server. The map (map.html) is self-contained (see build_map/render/offline_assets.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import panel as pn
 
-from explorer.app import MAP_ROUTE, SharedState, create_app
+from explorer.ui.app import MAP_ROUTE, SharedState, create_app
 
 logger = logging.getLogger(__name__)
 

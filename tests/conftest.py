@@ -1,12 +1,11 @@
-"""Shared fixtures: a tiny chat tokenizer and a tiny Llama, built in-process (no network, no files).
+"""Shared fixtures, for every test below this folder: a tiny chat tokenizer and a tiny Llama, built
+in-process (no network, no files; the builders are in ``tests/support/tiny.py``).
 
-- ``tiny_tokenizer`` (session): byte-level BPE, 320 ids (256 bytes + merges + specials ``<|endoftext|>``
-  = pad, ``<|im_start|>``, ``<|im_end|>`` = eos), trained on a few fixed sentences so it is the same
-  in every run, with a ChatML chat template (no default system prompt). It does not add a BOS.
-- ``tiny_model`` (session): seeded ``LlamaForCausalLM`` (2 layers, hidden 64, 4 heads, 2 KV heads,
-  vocab = ``len(tiny_tokenizer)``) in eval mode. Shared by every test: do not change its weights or
-  leave hooks on it; ``make_tiny_model(tokenizer, seed=...)`` builds a private one.
-- ``tiny_loaded`` (session): the two wrapped as ``build_map.models.LoadedModel`` (CPU, float32).
+- ``tiny_tokenizer`` (session): ``make_tiny_tokenizer()``, a byte-level BPE with a ChatML template.
+- ``tiny_model`` (session): ``make_tiny_model(tiny_tokenizer)``, a seeded 2-layer Llama in eval mode.
+  Shared by every test: do not change its weights or leave hooks on it; ``make_tiny_model(tokenizer,
+  seed=...)`` builds a private one.
+- ``tiny_loaded`` (session): the two wrapped as ``build_map.lm.models.LoadedModel`` (CPU, float32).
 - ``embedded`` (session): the real embedded default (SmolLM2-135M-Instruct), for ``@pytest.mark.slow``
   tests only.
 
@@ -20,62 +19,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from build_map.models import LoadedModel
-
-TINY_VOCAB = 320
-TINY_D_MODEL = 64
-TINY_LAYERS = 2
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-_TRAINING_TEXT = [
-    "the quick brown fox jumps over the lazy dog",
-    "hello, how are you today? fine, thanks. and you?",
-    "what is your favourite colour? i like blue and green",
-    "user assistant system",
-]
-
-
-def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A deterministic byte-level BPE tokenizer of ``TINY_VOCAB`` ids with a ChatML template."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_TRAINING_TEXT * 20, trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    wrapped.chat_template = CHAT_TEMPLATE
-    return wrapped
-
-
-def make_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **config: object) -> LlamaForCausalLM:
-    """A seeded 2-layer Llama in eval mode; ``config`` overrides LlamaConfig fields."""
-    settings: dict[str, object] = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": TINY_D_MODEL,
-        "intermediate_size": 128,
-        "num_hidden_layers": TINY_LAYERS,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": None,
-    }
-    settings.update(config)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+from build_map.lm.models import LoadedModel
+from tests.support.tiny import make_tiny_model, make_tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -107,6 +54,6 @@ def tiny_loaded(tiny_model: LlamaForCausalLM, tiny_tokenizer: PreTrainedTokenize
 @pytest.fixture(scope="session")
 def embedded() -> LoadedModel:
     """SmolLM2-135M-Instruct, the embedded default (CPU, float32); slow tests only."""
-    from build_map.models import load_model
+    from build_map.lm.models import load_model
 
     return load_model(device="cpu")

@@ -1,0 +1,117 @@
+"""Reading a bundle: versioned, checked, examples loaded on first use."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from build_map.bundle.schema import (
+    CLUSTERS,
+    EXAMPLES,
+    FEATURE_SCHEMA,
+    FEATURES,
+    FORMAT_VERSION,
+    MANIFEST,
+    MAP_HTML,
+    REQUIRED_FILES,
+    BundleError,
+    cluster_columns,
+)
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+    features: pd.DataFrame
+    clusters: pd.DataFrame
+    _examples: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def cluster_columns(self) -> list[str]:
+        return cluster_columns(self.features)
+
+    @property
+    def map_html(self) -> Path:
+        return self.path / MAP_HTML
+
+    @property
+    def examples(self) -> pd.DataFrame:
+        if self._examples is None:
+            self._examples = pq.read_table(self.path / EXAMPLES).to_pandas()
+        return self._examples
+
+    def examples_for(self, feature: int) -> pd.DataFrame:
+        rows = self.examples[self.examples["feature"] == feature]
+        return rows.sort_values(
+            ["bucket", "rank"], key=lambda s: s.map(_bucket_order) if s.name == "bucket" else s
+        )
+
+    def feature(self, feature: int) -> pd.Series:
+        self.check_feature(feature)
+        return self.features.iloc[feature]
+
+    def search_labels(self, query: str) -> list[int]:
+        """Visible features whose label contains ``query`` (case-insensitive), in feature order."""
+        query = query.strip().casefold()
+        if not query:
+            return []
+        labels = self.features["label"].fillna("").astype(str).str.casefold()
+        match = labels.str.contains(query, regex=False).to_numpy() & ~self.features["hidden"].to_numpy(bool)
+        return [int(i) for i in np.flatnonzero(match)]
+
+    def check_feature(self, feature: int) -> None:
+        if not 0 <= int(feature) < self.n_features:
+            raise BundleError(
+                f"Feature {feature} is out of range: this bundle has features 0..{self.n_features - 1}."
+            )
+
+
+def _bucket_order(bucket: str) -> float:
+    """ "top" first, then quantile buckets from high to low."""
+    return -1e9 if bucket == "top" else -float(bucket.lstrip("q") or 0)
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(
+            f"No bundle at {path}; build one with `build-map build ... --out {path}` or `build-map demo`."
+        )
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if missing:
+        raise BundleError(
+            f"{path} is not a complete bundle: missing {', '.join(missing)}. Rebuild it with build-map."
+        )
+    manifest = read_manifest(path)
+    features = pq.read_table(path / FEATURES).to_pandas()
+    absent = [name for name in FEATURE_SCHEMA.names if name not in features.columns]
+    if absent:
+        raise BundleError(f"{path / FEATURES} lacks columns {', '.join(absent)}; rebuild the bundle.")
+    if not (features["feature"].to_numpy() == range(len(features))).all():
+        raise BundleError(f"{path / FEATURES} must hold one row per feature, in order; rebuild the bundle.")
+    clusters = pq.read_table(path / CLUSTERS).to_pandas()
+    return Bundle(path, manifest, features, clusters)
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path / MANIFEST} cannot be read ({exc}); rebuild the bundle.") from exc
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path} has bundle format_version {version!r}; this version of the tool reads format_version "
+            f"{FORMAT_VERSION}. Rebuild it with this version's `build-map build`, or use the matching tool version."
+        )
+    return manifest

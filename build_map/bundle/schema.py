@@ -1,0 +1,79 @@
+"""The bundle contract: the one interface between the builder and the explorer.
+
+BUNDLE/
+  manifest.json     how the bundle was made (model, hookpoint, SAE source/format/sha256, ...)
+  features.parquet  one row per feature (FEATURE_SCHEMA plus cluster_0..cluster_{L-1}, coarse→fine)
+  examples.parquet  activating contexts per feature (EXAMPLE_SCHEMA)
+  clusters.parquet  one row per named cluster per level (CLUSTER_SCHEMA)
+  map.html          the DataMapPlot map
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FEATURES = "features.parquet"
+EXAMPLES = "examples.parquet"
+CLUSTERS = "clusters.parquet"
+MAP_HTML = "map.html"
+REQUIRED_FILES = (MANIFEST, FEATURES, EXAMPLES, CLUSTERS, MAP_HTML)
+
+FEATURE_SCHEMA = pa.schema(
+    [
+        ("feature", pa.int32()),
+        ("x", pa.float32()),
+        ("y", pa.float32()),
+        ("label", pa.string()),
+        ("label_source", pa.string()),  # auto | imported | llm
+        ("density", pa.float32()),  # fraction of tokens where the feature is active
+        ("max_act", pa.float32()),
+        ("mean_act", pa.float32()),  # mean over the tokens where it is active
+        ("top_tokens", pa.list_(pa.string())),  # tokens it fires on most
+        ("top_logits", pa.list_(pa.string())),  # logit lens: tokens the direction promotes
+        ("bottom_logits", pa.list_(pa.string())),  # ... and suppresses
+        ("neighbors", pa.list_(pa.int32())),  # nearest features by decoder cosine
+        ("dead", pa.bool_()),
+        ("hidden", pa.bool_()),  # moderated out: not drawn, cannot be steered
+    ]
+)
+EXAMPLE_SCHEMA = pa.schema(
+    [
+        ("feature", pa.int32()),
+        ("rank", pa.int32()),  # order within the bucket
+        ("bucket", pa.string()),  # "top" or an activation quantile such as "q50"
+        ("act", pa.float32()),  # the activation at the example's focus token
+        ("tokens", pa.list_(pa.string())),
+        ("acts", pa.list_(pa.float32())),  # per-token activation of this feature
+    ]
+)
+CLUSTER_SCHEMA = pa.schema(
+    [
+        ("level", pa.int32()),  # 0 = coarsest
+        ("cluster", pa.int32()),
+        ("name", pa.string()),
+        ("size", pa.int32()),
+        ("x", pa.float32()),
+        ("y", pa.float32()),
+        ("parent", pa.int32()),  # cluster id at level-1, -1 at level 0
+    ]
+)
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, of another version, or would be overwritten."""
+
+
+def cluster_columns(features: pd.DataFrame) -> list[str]:
+    """``cluster_0`` (coarsest) … ``cluster_{L-1}`` (finest)."""
+    names = [c for c in features.columns if c.startswith("cluster_") and c[8:].isdigit()]
+    return sorted(names, key=lambda c: int(c[8:]))
+
+
+def features_schema(n_levels: int) -> pa.Schema:
+    schema = FEATURE_SCHEMA
+    for level in range(n_levels):
+        schema = schema.append(pa.field(f"cluster_{level}", pa.string()))
+    return schema

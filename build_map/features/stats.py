@@ -1,0 +1,89 @@
+"""Per-feature statistics over a corpus: density, activations, examples, top tokens, logit lens, neighbours.
+
+One streaming pass runs the model (cut after the hookpoint) and the SAE over the corpus and keeps,
+per feature, only fixed-size tensors (so 65,536 features fit on a GPU):
+
+- active-token count and activation sum (density, mean over active tokens);
+- a running top-n of (activation, token location, window): each batch's nonzero activations (the
+  SAE is sparse, so there are few) are ranked within their feature and merged into (d_sae, n_top)
+  buffers;
+- a uniform reservoir sample of the same per feature, by the same merge with random keys (keep the
+  R largest keys = sample without replacement). Quantile-bucket examples and the tokens a feature
+  fires on come from it.
+
+An entry's *window* is the feature's activation on the ~20 tokens around it. A batch always holds
+whole sequences, so it is read from the batch's activations when the entry gets into a buffer; no
+activations are stored, and no second pass over the model is needed (one would re-run nearly every
+sequence: with thousands of features, almost every sequence holds some feature's example). Only
+token ids and (sequence, position) per token are kept from the corpus, to rebuild the windows' text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from build_map.features.config import StatsConfig, StatsError
+from build_map.features.examples import choose_examples, example_rows
+from build_map.features.streaming import stream_corpus
+from build_map.features.table import feature_rows
+from build_map.lm.hookpoints import d_model, normalize_hookpoint
+from build_map.lm.models import LoadedModel
+from build_map.lm.tokens import TokenText
+from build_map.sae.model import SparseAutoencoder, check_matches_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureStats:
+    features: pd.DataFrame
+    """One row per feature: feature, density, max_act, mean_act, top_tokens, top_logits,
+    bottom_logits, neighbors, dead."""
+    examples: pd.DataFrame
+    """EXAMPLE_SCHEMA rows: feature, rank, bucket, act, tokens, acts."""
+    n_tokens: int
+    """Tokens the statistics were computed over."""
+    n_sequences: int
+    """Corpus sequences those tokens came from."""
+    config: StatsConfig = field(default_factory=StatsConfig)
+
+
+def compute_feature_stats(
+    loaded: LoadedModel,
+    sae: SparseAutoencoder,
+    hookpoint: str,
+    sequences: Iterable[Sequence[int]],
+    cfg: StatsConfig | None = None,
+) -> FeatureStats:
+    """Stream ``sequences`` (token ids, any iterable: ``corpus.token_sequences`` output) through the
+    model and the SAE once, then assemble the feature and example tables."""
+    cfg = cfg or StatsConfig()
+    device = sae.W_dec.device
+    hookpoint = normalize_hookpoint(loaded.model, hookpoint)
+    check_matches_model(sae, d_model(loaded.model), hookpoint)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        state, corpus = stream_corpus(loaded, sae, hookpoint, sequences, cfg, device)
+        if corpus.n_tokens == 0:
+            raise StatsError(
+                "The corpus gave no tokens past the first position of each sequence; pass longer sequences."
+            )
+        streamed = time.perf_counter()
+        decoder = TokenText(loaded.tokenizer)
+        examples = example_rows(corpus, choose_examples(state, cfg), cfg, decoder)
+        features = feature_rows(loaded, sae, state, corpus, cfg, decoder)
+    logger.info(
+        "Stats over %d tokens: %d of %d features live; %.1f s streaming, %.1f s tables",
+        corpus.n_tokens,
+        int((~features["dead"]).sum()),
+        sae.d_sae,
+        streamed - started,
+        time.perf_counter() - streamed,
+    )
+    return FeatureStats(features, examples, corpus.n_tokens, corpus.n_sequences, cfg)

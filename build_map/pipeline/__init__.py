@@ -1,0 +1,1 @@
+"""The builder's pipelines: model + SAE + corpus → bundle, model → trained SAE, and the demo."""

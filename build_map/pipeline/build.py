@@ -1,0 +1,242 @@
+"""The builder: model + SAE + corpus → map bundle (statistics, labels, UMAP, named clusters, map.html).
+
+Every input is checked before the expensive stages run (output folder, SAE/model fit, hookpoint,
+label and hide files), so a mistake costs seconds, not a rebuild.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from build_map.bundle.schema import MAP_HTML, cluster_columns
+from build_map.bundle.write import check_can_write, write_bundle
+from build_map.features.config import StatsConfig
+from build_map.features.stats import compute_feature_stats
+from build_map.geometry.clusters import ClusterConfig, cluster_levels, cluster_parents
+from build_map.geometry.config import ProjectConfig
+from build_map.geometry.projection import project_directions, trustworthiness_sample
+from build_map.labels.auto import auto_labels
+from build_map.labels.cluster_names import name_levels
+from build_map.labels.files import read_hide_file, read_label_file
+from build_map.labels.llm import llm_labels
+from build_map.labels.text import apply_labels, topic_words
+from build_map.lm.corpus import CorpusConfig, token_sequences
+from build_map.lm.hookpoints import d_model, default_hookpoint, normalize_hookpoint
+from build_map.lm.models import LoadedModel, load_model
+from build_map.pipeline.manifest import build_manifest
+from build_map.render.map_page import render_map_html
+from build_map.sae.formats import load_sae
+from build_map.sae.model import SparseAutoencoder, check_matches_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    sae: str
+    """SAE path: Goodfire .pth, SAELens or sparsify folder, or one saved by `build-map train`."""
+    out: str
+    """Bundle folder to write (replaced only with overwrite)."""
+    model: str | None = None
+    """Hugging Face id, local folder or .gguf; None = the embedded SmolLM2 default."""
+    hookpoint: str | None = None
+    """Residual-stream hookpoint the SAE reads, e.g. model.layers.19; None = the SAE's own or the middle layer."""
+    n_tokens: int = 100_000
+    """Corpus tokens for the per-feature statistics."""
+    corpus: tuple[str, ...] = ("chitchat", "chatterbot")
+    """Corpus sources: chitchat, chatterbot, or .jsonl / text files."""
+    labels: str | None = None
+    """CSV/JSON/Parquet with feature,label; these labels win over automatic ones."""
+    hide: str | None = None
+    """Features to moderate out: kept in the bundle as hidden, not drawn, not steerable."""
+    llm_labels: bool = False
+    """Label features with an OpenAI-compatible endpoint (SAE_MAP_LLM_URL / _KEY / _MODEL)."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda."""
+    overwrite: bool = False
+    """Replace an existing bundle at `out`."""
+    title: str | None = None
+    """Map title; defaults to the model and hookpoint."""
+    seed: int = 0
+    """Seed for corpus order, UMAP and clustering."""
+
+
+@dataclass
+class BuildSummary:
+    out: Path
+    n_features: int
+    n_live: int
+    n_dead: int
+    n_hidden: int
+    clusters_per_level: list[int]
+    trustworthiness: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        stages = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.stage_seconds.items())
+        return [
+            f"bundle: {self.out}",
+            f"features: {self.n_features} ({self.n_live} live, {self.n_dead} dead, {self.n_hidden} hidden)",
+            f"clusters per level (coarse→fine): {' / '.join(map(str, self.clusters_per_level))}",
+            f"trustworthiness (k=10, sample): {self.trustworthiness:.3f}",
+            f"time: {stages}; total {sum(self.stage_seconds.values()):.1f}s",
+        ]
+
+
+class _Stages:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        logger.info("%s …", name)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+
+
+def build_bundle(cfg: BuildConfig, loaded: LoadedModel | None = None) -> BuildSummary:
+    stage = _Stages()
+    out = check_can_write(cfg.out, cfg.overwrite)
+    with stage("load"):
+        inputs = _load_inputs(cfg, loaded)
+    corpus = CorpusConfig(sources=tuple(cfg.corpus), seed=cfg.seed)
+    with stage("statistics"):
+        sequences = _sequences(inputs.loaded, corpus, cfg.n_tokens)
+        stats_cfg = StatsConfig(n_tokens=cfg.n_tokens, seed=cfg.seed)
+        stats = compute_feature_stats(inputs.loaded, inputs.sae, inputs.hookpoint, sequences, stats_cfg)
+    with stage("labels"):
+        features = _labelled(stats.features, stats.examples, inputs.imported, cfg.llm_labels)
+        features["hidden"] = features["feature"].isin(inputs.hidden)
+    directions = inputs.sae.decoder_directions.detach().float().cpu().numpy()
+    project_cfg = ProjectConfig(seed=cfg.seed, device=cfg.device)
+    with stage("projection"):
+        xy = project_directions(directions, project_cfg)
+        trust = trustworthiness_sample(directions, xy, seed=cfg.seed)
+    cluster_cfg = ClusterConfig(seed=cfg.seed)
+    with stage("clusters"):
+        levels = cluster_levels(directions, xy, cluster_cfg)
+        features, clusters = _named_clusters(features, xy, levels)
+    configs = {"project": project_cfg, "cluster": cluster_cfg}
+    manifest = build_manifest(cfg, inputs.loaded, inputs.sae, inputs.hookpoint, stats, corpus, configs, trust)
+    with stage("map"):
+        title = cfg.title or f"{inputs.loaded.spec} · {inputs.hookpoint} · {inputs.sae.d_sae:,} SAE features"
+        write_bundle(out, manifest=manifest, features=features, examples=stats.examples, clusters=clusters,
+                     render_map=lambda folder: _write_map(folder, features, title), overwrite=cfg.overwrite)  # fmt: skip
+    return BuildSummary(
+        out=out,
+        n_features=inputs.sae.d_sae,
+        n_live=int((~features["dead"]).sum()),
+        n_dead=int(features["dead"].sum()),
+        n_hidden=len(inputs.hidden),
+        clusters_per_level=[int(len(np.unique(level))) for level in levels],
+        trustworthiness=trust,
+        stage_seconds=stage.seconds,
+    )
+
+
+@dataclass
+class _Inputs:
+    """Everything checked before the slow stages run."""
+
+    loaded: LoadedModel
+    sae: SparseAutoencoder
+    hookpoint: str
+    imported: pd.Series | None
+    hidden: set[int]
+
+
+def _load_inputs(cfg: BuildConfig, loaded: LoadedModel | None) -> _Inputs:
+    sae = load_sae(cfg.sae)  # cheap, so a bad SAE file fails before the model loads
+    loaded = loaded or load_model(cfg.model, device=cfg.device)
+    sae = sae.to(loaded.device)
+    hookpoint = normalize_hookpoint(loaded.model, cfg.hookpoint or _sae_hookpoint(sae, loaded))
+    check_matches_model(sae, d_model(loaded.model), hookpoint, source=cfg.sae)
+    imported = read_label_file(cfg.labels, sae.d_sae) if cfg.labels else None
+    hidden = read_hide_file(cfg.hide, sae.d_sae) if cfg.hide else set()
+    return _Inputs(loaded, sae, hookpoint, imported, hidden)
+
+
+def _sae_hookpoint(sae: SparseAutoencoder, loaded: LoadedModel) -> str:
+    if sae.cfg.hookpoint:
+        return sae.cfg.hookpoint
+    hookpoint = default_hookpoint(loaded.model)
+    logger.warning(
+        "The SAE does not say where it reads; using the middle layer %s (pass --hookpoint).", hookpoint
+    )
+    return hookpoint
+
+
+def _sequences(loaded: LoadedModel, corpus: CorpusConfig, n_tokens: int) -> list[list[int]]:
+    """Enough corpus sequences for ``n_tokens`` kept tokens (first positions are skipped)."""
+    sequences, total = [], 0
+    for ids in token_sequences(loaded.tokenizer, corpus):
+        sequences.append(ids)
+        total += len(ids) - 1
+        if total >= n_tokens:
+            break
+    return sequences
+
+
+def _labelled(features: pd.DataFrame, examples: pd.DataFrame, imported: pd.Series | None, use_llm: bool):
+    llm = llm_labels(features, examples, features=features.index[~features["dead"]]) if use_llm else None
+    return apply_labels(features, auto_labels(features, examples), imported=imported, llm=llm)
+
+
+def _named_clusters(
+    features: pd.DataFrame, xy: np.ndarray, levels: list[np.ndarray]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Name every level's clusters from the members' labels; the features with their coordinates
+    and cluster names, and the cluster table."""
+    parents = cluster_parents(levels)
+    # Dead features' placeholder label must not name the regions they sit in.
+    live_labels = [
+        None if dead else topic_words(label, source)
+        for label, source, dead in zip(
+            features["label"], features["label_source"], features["dead"], strict=True
+        )
+    ]
+    names = name_levels(live_labels, levels, parents)
+    return _with_clusters(features, xy, levels, parents, names)
+
+
+def _with_clusters(
+    features: pd.DataFrame,
+    xy: np.ndarray,
+    levels: list[np.ndarray],
+    parents: list[dict[int, int]],
+    names: list[dict[int, str]],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    features = features.copy()
+    features["x"], features["y"] = xy[:, 0].astype(np.float32), xy[:, 1].astype(np.float32)
+    rows = []
+    for level, (ids, level_names) in enumerate(zip(levels, names, strict=True)):
+        features[f"cluster_{level}"] = [level_names.get(int(c), "Unlabelled") for c in ids]
+        for cluster in np.unique(ids):
+            members = ids == cluster
+            rows.append(
+                {
+                    "level": level,
+                    "cluster": int(cluster),
+                    "name": level_names.get(int(cluster), "Unlabelled"),
+                    "size": int(members.sum()),
+                    "x": float(xy[members, 0].mean()),
+                    "y": float(xy[members, 1].mean()),
+                    "parent": int(parents[level][int(cluster)]),
+                }
+            )
+    return features, pd.DataFrame(rows)
+
+
+def _write_map(folder: Path, features: pd.DataFrame, title: str) -> None:
+    subtitle = f"{int(features['dead'].sum()):,} dead features not drawn"
+    page = render_map_html(features, cluster_columns(features), title=title, subtitle=subtitle)
+    (folder / MAP_HTML).write_text(page, encoding="utf-8")

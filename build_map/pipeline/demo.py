@@ -1,0 +1,112 @@
+"""The embedded default end to end: its SAE, trained once on SmolLM2's middle layer, and its bundle,
+both reused from the cache.
+
+The cache folder is keyed by everything that shapes the SAE (model, hookpoint, corpus, token
+count, harvest and training configs, this module's version), so changing any of them trains a new
+one and an old one is never mistaken for it. The device is not part of the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from build_map.activations.harvest import HarvestConfig
+from build_map.bundle.schema import MANIFEST
+from build_map.common.files import atomic_folder
+from build_map.common.paths import cache_dir
+from build_map.lm.corpus import CorpusConfig
+from build_map.lm.models import EMBEDDED_MODEL_NAME
+from build_map.pipeline.build import BuildConfig, BuildSummary, build_bundle
+from build_map.pipeline.training_run import buffer_folder, harvest_and_train
+from build_map.sae.train import METRICS_FILE
+from build_map.sae.train_config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+DEMO_HOOKPOINT = "model.layers.15"  # the middle of SmolLM2-135M's 30 layers
+DEMO_TOKENS = 1_050_000  # 2% held out leaves > 1M training tokens
+DEMO_CORPUS = CorpusConfig()
+# "auto": bf16 where the CPU has it natively (~1.6x faster than fp32); elsewhere emulated bf16 is
+# ~8x slower than fp32 (104 tok/s on a 2-core AMD EPYC), so fp32 there.
+DEMO_HARVEST = HarvestConfig(compute_dtype="auto")
+DEMO_TRAIN = TrainConfig(n_latents=4608, k=32)  # 8 × d_model 576
+_VERSION = "1"  # bump to retrain every cached demo SAE
+DEMO_STATS_TOKENS = 100_000
+_DEMO_BUNDLE_VERSION = "3"  # bump when the builder's output changes, to rebuild cached demo bundles
+
+
+def demo_key(train: TrainConfig = DEMO_TRAIN) -> str:
+    request = {
+        "model": EMBEDDED_MODEL_NAME,
+        "hookpoint": DEMO_HOOKPOINT,
+        "tokens": DEMO_TOKENS,
+        "corpus": asdict(DEMO_CORPUS),
+        "harvest": asdict(DEMO_HARVEST),
+        "train": asdict(replace(train, device="auto")),
+        "version": _VERSION,
+    }
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def demo_sae_folder() -> Path:
+    return cache_dir("demo") / f"sae-{demo_key()}"
+
+
+def demo_sae(
+    device: str = "auto", retrain: bool = False, keep_buffer: bool = False, progress: bool = True
+) -> Path:
+    """The folder of the demo SAE (native format, loads with ``load_sae``), training it if needed.
+
+    Harvest + training take ~10-15 minutes on a 2-core CPU the first time; later calls return the
+    cached folder at once. The ~2.4 GB activation buffer is deleted afterwards unless ``keep_buffer``.
+    """
+    folder = demo_sae_folder()
+    if not retrain and (folder / METRICS_FILE).is_file():  # written last: the folder is complete
+        logger.info("Using the cached demo SAE in %s", folder)
+        return folder
+    logger.warning("Training the demo SAE (once; ~10-15 min on a laptop CPU) into %s", folder)
+    # Keyed by the harvest request alone: a new training config reuses a kept buffer.
+    buffer = buffer_folder(EMBEDDED_MODEL_NAME, DEMO_HOOKPOINT, DEMO_CORPUS, DEMO_TOKENS, DEMO_HARVEST)
+    with atomic_folder(folder) as tmp:
+        run = harvest_and_train(
+            None, DEMO_HOOKPOINT, DEMO_CORPUS, DEMO_TOKENS, replace(DEMO_TRAIN, device=device), tmp,
+            buffer=buffer, harvest=DEMO_HARVEST, progress=progress,
+        )  # fmt: skip
+    if not keep_buffer:
+        shutil.rmtree(buffer, ignore_errors=True)
+    m = run.metrics
+    logger.warning(
+        "Demo SAE: held-out FVU %.3f, L0 %.1f, dead %.1f%%; harvest %.0f s, train %.0f s",
+        m.fvu, m.mean_l0, 100 * m.dead_fraction, run.harvest_seconds, run.train_seconds,
+    )  # fmt: skip
+    return folder
+
+
+def demo_bundle_folder(sae_folder: Path, n_tokens: int) -> Path:
+    """The cache folder of the demo bundle built from ``sae_folder`` over ``n_tokens``."""
+    key = hashlib.sha256(f"{sae_folder.name}|{n_tokens}|{_DEMO_BUNDLE_VERSION}".encode()).hexdigest()[:12]
+    return cache_dir("demo") / f"bundle-{key}"
+
+
+def demo_bundle(
+    out: str | Path | None = None,
+    n_tokens: int = DEMO_STATS_TOKENS,
+    device: str = "auto",
+    rebuild: bool = False,
+    retrain: bool = False,
+) -> tuple[Path, BuildSummary | None]:
+    """The demo bundle (in the cache unless ``out``), built if needed: its folder, and the build's
+    summary (None when a built one was reused)."""
+    sae_folder = demo_sae(device=device, retrain=retrain)
+    folder = Path(out) if out else demo_bundle_folder(sae_folder, n_tokens)
+    if (folder / MANIFEST).is_file() and not (rebuild or retrain):
+        logger.info("Using the cached demo bundle %s", folder)
+        return folder, None
+    cfg = BuildConfig(sae=str(sae_folder), out=str(folder), hookpoint=DEMO_HOOKPOINT, n_tokens=n_tokens,
+                      device=device, overwrite=True)  # fmt: skip
+    return folder, build_bundle(cfg)

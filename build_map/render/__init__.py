@@ -1,0 +1,1 @@
+"""Pages: the DataMapPlot map with no CDN, and the single-file offline export."""

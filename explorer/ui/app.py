@@ -1,0 +1,300 @@
+"""The explorer page for one browser session: map | feature card | edits and chat.
+
+Shared across sessions (built once by the CLI): the bundle, the steering engine (model + SAE)
+and the reply-feature reader. Per session (built in ``create_app``): the selection, the edits,
+the chat history. Nothing session-specific is global, so two users never see each other's edits.
+
+Strength units (the engine's): multiples of the feature's max activation in the corpus; 1.0 =
+"as strong as it ever fires". "Add to edits" uses ``DEFAULT_STRENGTH`` in ``DEFAULT_MODE``.
+
+Deep links: ``/?feature=12&strength=0.5&mode=pin&feature=40`` preselects edits
+(``build_map.steering.links``); bad values are reported on the page and skipped.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import panel as pn
+
+from build_map.bundle.read import Bundle
+from build_map.steering.engine import SteeringEngine
+from build_map.steering.links import DeepLink, open_link
+from build_map.steering.reply_features import ReplyFeatures
+from build_map.steering.requests import DEFAULT_MODE, DEFAULT_STRENGTH, Edit, SamplingConfig
+from explorer.ui.attribution_panel import AttributionPanel
+from explorer.ui.chat import ChatPanel
+from explorer.ui.components import LinkedHTML, MapView
+from explorer.ui.edits import EditsPanel
+from explorer.ui.html import CSS, esc, feature_link, feature_name, render_card
+from explorer.ui.recipe_panel import RecipePanel, Settings
+from explorer.ui.sweep_panel import SweepPanel
+
+logger = logging.getLogger(__name__)
+
+N_SEARCH_RESULTS = 30
+"""Matches listed under the search box."""
+MAX_SEARCH_HIGHLIGHT = 5000
+"""Matches lit on the map (a one-letter query on 65k features would otherwise send them all)."""
+FEATURE_COLUMN_WIDTH, STEER_COLUMN_WIDTH = 370, 450
+"""Pixels; the map takes the rest of the window."""
+MAP_ROUTE = "bundle"
+"""The bundle folder is served at /bundle/ (server.py); the map at /bundle/map.html."""
+
+WELCOME = (
+    '<div class="card"><h3>Pick a feature</h3><p class="muted">Click a point on the map, search the '
+    "labels above, or click a feature under a chat reply.</p></div>"
+)
+UNITS = (
+    '<span class="muted">Strength is in multiples of the feature\'s max activation (1 = as strong as '
+    "it ever fires). <b>nudge</b> adds the feature's direction; <b>pin</b> clamps its activation.</span>"
+)
+
+
+@dataclass
+class SharedState:
+    """What every session shares: built once at server start."""
+
+    bundle: Bundle
+    engine: SteeringEngine
+    reply_features: ReplyFeatures | None = None
+    map_url: str = f"/{MAP_ROUTE}/map.html"
+    title: str = "SAE feature explorer"
+
+
+def _search_html(bundle: Bundle, query: str, matches: list[int]) -> str:
+    if not query.strip():
+        return ""
+    if not matches:
+        return f'<p class="muted">No label contains “{esc(query.strip())}”.</p>'
+    shown = "".join(feature_link(bundle, f) for f in matches[:N_SEARCH_RESULTS])
+    more = (
+        f'<p class="muted">… and {len(matches) - N_SEARCH_RESULTS} more (lit on the map)</p>'
+        if len(matches) > N_SEARCH_RESULTS
+        else ""
+    )
+    count = f'<p class="muted">{len(matches)} match{"es" if len(matches) != 1 else ""}</p>'
+    return f'{count}<div class="search-results">{shown}</div>{more}'
+
+
+class ExplorerSession:
+    """Everything one browser session sees and owns."""
+
+    def __init__(self, shared: SharedState, query_args: Mapping[str, Sequence[str | bytes]] | None = None):
+        self.shared = shared
+        self.bundle, self.engine = shared.bundle, shared.engine
+        self.selected: int | None = None
+        self.map = MapView(src=shared.map_url, sizing_mode="stretch_both", min_height=300, min_width=300)
+        self.card = LinkedHTML(html=WELCOME, sizing_mode="stretch_width")
+        self.notice = pn.pane.HTML("", stylesheets=[CSS], sizing_mode="stretch_width", margin=(0, 5))
+        self.add_button = pn.widgets.Button(label="Add to edits", color="primary", disabled=True, width=130)
+        self.add_hint = pn.pane.HTML("", stylesheets=[CSS], sizing_mode="stretch_width", margin=(8, 5))
+        self.search = pn.widgets.TextInput(placeholder="Search feature labels…", sizing_mode="stretch_width")
+        self.search_results = LinkedHTML(html="", sizing_mode="stretch_width")
+        self.edits = EditsPanel(self.bundle, self.engine.limits)
+        self.attribution = AttributionPanel(self.bundle, self.engine, self.map.highlight)
+        self.chat = ChatPanel(
+            self.engine,
+            self.bundle,
+            self.edits.current,
+            shared.reply_features,
+            on_reply_features=lambda features: self.map.highlight("reply", features),
+            on_turn_done=lambda column, edits, multiplier: self.attribution.show_reply(
+                column.messages, column.text, edits, multiplier
+            ),
+        )
+        self.recipes = RecipePanel(
+            self.bundle, self.engine.limits, self.current_settings, self.apply_settings
+        )
+        self.sweep = SweepPanel(self.bundle, self.engine, lambda: self.selected)
+        self._wire()
+        if query_args:
+            self.apply_deep_link(query_args)
+        if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
+            pn.state.on_session_destroyed(lambda context: self.chat.stop())
+
+    def _wire(self) -> None:
+        self.map.param.watch(lambda event: self.select(event.new), "selected")
+        for source in (self.card, self.search_results, self.edits, self.chat, self.attribution):
+            source.param.watch(lambda event: self.select(event.new, focus=True), "clicked")
+        self.add_button.on_click(lambda event: self.add_selected())
+        self.search.param.watch(lambda event: self.run_search(event.new), "value_input")
+        self.edits.param.watch(lambda event: self._update_add_button(), "count")
+        self.chat.clear_button.on_click(lambda event: self.attribution.clear())
+
+    # ------------------------------------------------------------ actions
+
+    def select(self, feature: int | None, focus: bool = False) -> None:
+        if feature is None:
+            return
+        if not 0 <= feature < self.bundle.n_features:
+            self.show_notice([f"Feature {feature} does not exist in this bundle."])
+            return
+        self.selected = int(feature)
+        self.card.html = render_card(self.bundle, self.selected)
+        self._update_add_button()
+        self.sweep.selection_changed(self.selected)
+        if focus and not bool(self.bundle.features.iloc[self.selected]["hidden"]):
+            self.map.focus_on(self.selected)
+
+    def add_selected(self, strength: float = DEFAULT_STRENGTH, mode: str = DEFAULT_MODE) -> bool:
+        """Add the selected feature to the edits; False (with the reason shown) when refused."""
+        reason = self._cannot_add(self.selected)
+        if reason:
+            self.add_hint.object = f'<span class="muted">{esc(reason)}</span>'
+            return False
+        self.edits.add(Edit(int(self.selected), strength, mode))
+        return True
+
+    def run_search(self, query: str) -> list[int]:
+        matches = self.bundle.search_labels(query or "")
+        self.search_results.html = _search_html(self.bundle, query or "", matches)
+        self.map.highlight("search", matches[:MAX_SEARCH_HIGHLIGHT])
+        return matches
+
+    def apply_deep_link(self, args: Mapping[str, Sequence[str | bytes]]) -> DeepLink:
+        link = open_link(args, self.bundle, self.engine.limits)
+        for edit in link.edits:
+            self.edits.add(edit)
+        self._apply_link_settings(link.settings)
+        if link.edits:
+            self.select(link.edits[0].feature, focus=True)
+        self.show_notice(link.errors)
+        return link
+
+    def _apply_link_settings(self, settings: Mapping[str, object]) -> None:
+        """Multiplier and sampling of a link made by "Copy link" (only the values it gives)."""
+        chat = self.chat
+        if "multiplier" in settings:
+            self.edits.multiplier.value = float(settings["multiplier"])
+        if "temperature" in settings:
+            chat.temperature.value = min(float(settings["temperature"]), chat.temperature.end)
+        if "max_new_tokens" in settings:
+            chat.max_new_tokens.value = int(settings["max_new_tokens"])
+        if "seed" in settings:
+            chat.seed.value = int(settings["seed"])
+
+    def current_settings(self) -> Settings:
+        edits, multiplier = self.edits.current()
+        return edits, multiplier, self.chat.sampling()
+
+    def apply_settings(
+        self, edits: Sequence[Edit], multiplier: float, sampling: SamplingConfig | None
+    ) -> None:
+        """Replace the edits, the multiplier and (if given) the sampling, e.g. with a recipe's."""
+        self.edits.reset()
+        for edit in edits:
+            self.edits.add(edit)
+        self.edits.multiplier.value = float(multiplier)
+        if sampling is not None:
+            self.chat.temperature.value = min(float(sampling.temperature), self.chat.temperature.end)
+            self.chat.max_new_tokens.value = int(sampling.max_new_tokens)
+            self.chat.seed.value = sampling.seed
+
+    def show_notice(self, messages: Sequence[str]) -> None:
+        self.notice.object = "".join(f'<div class="notice error">{esc(m)}</div>' for m in messages)
+
+    # ------------------------------------------------------------ state
+
+    def _cannot_add(self, feature: int | None) -> str:
+        if feature is None:
+            return "Select a feature first."
+        if bool(self.bundle.features.iloc[feature]["hidden"]):
+            return "Hidden features cannot be steered."
+        if self.edits.has(feature):
+            return "Already in the edits below."
+        if len(self.edits.rows) >= self.engine.limits.max_edits:
+            return f"At most {self.engine.limits.max_edits} edits at once; remove one first."
+        return ""
+
+    def _update_add_button(self) -> None:
+        reason = self._cannot_add(self.selected)
+        self.add_button.disabled = bool(reason)
+        if self.selected is None:
+            self.add_hint.object = ""
+        elif reason:
+            self.add_hint.object = f'<span class="muted">{esc(reason)}</span>'
+        else:
+            self.add_hint.object = (
+                f'<span class="muted">{esc(feature_name(self.bundle, self.selected))}: nudge at '
+                f"{DEFAULT_STRENGTH:g}× max act</span>"
+            )
+
+    # ------------------------------------------------------------ layout
+
+    def view(self) -> pn.Row:
+        return pn.Row(
+            self.map,
+            self._feature_column(),
+            self._steer_column(),
+            sizing_mode="stretch_both",
+            margin=0,
+            styles={"height": "100vh"},
+        )
+
+    def _header(self) -> pn.pane.HTML:
+        model = self.bundle.manifest.get("model") or {}
+        name = model.get("name") or model.get("spec") or "model"
+        return pn.pane.HTML(
+            f'<div class="app-head"><b>{html.escape(self.shared.title)}</b><br><span class="muted">'
+            f"{html.escape(str(name))} · {html.escape(str(self.bundle.manifest.get('hookpoint', '')))} · "
+            f"{self.bundle.n_features:,} features</span></div>",
+            stylesheets=[CSS],
+            sizing_mode="stretch_width",
+            margin=(5, 5, 0, 5),
+        )
+
+    def _feature_column(self) -> pn.Column:
+        return pn.Column(
+            self._header(),
+            self.search,
+            self.search_results,
+            self.notice,
+            pn.Row(self.add_button, self.add_hint, sizing_mode="stretch_width"),
+            self.card,
+            width=FEATURE_COLUMN_WIDTH,
+            sizing_mode="stretch_height",
+            scroll=True,
+            css_classes=["feature-column"],
+            styles={"border-left": "1px solid #d0d7de"},
+        )
+
+    def _steer_column(self) -> pn.Column:
+        units = pn.pane.HTML(UNITS, stylesheets=[CSS], sizing_mode="stretch_width", margin=(2, 5))
+        return pn.Column(
+            _section("Edits"),
+            units,
+            self.edits.view(),
+            self.recipes.view(),
+            _card("Strength sweep (selected feature)", self.sweep.view(), collapsed=True),
+            _section("Chat: default | steered"),
+            self.chat.view(),
+            _card("Why this token? (last reply)", self.attribution.view(), collapsed=False),
+            width=STEER_COLUMN_WIDTH,
+            sizing_mode="stretch_height",
+            scroll=True,
+            css_classes=["steer-column"],
+            styles={"border-left": "1px solid #d0d7de"},
+        )
+
+
+def _section(title: str) -> pn.pane.HTML:
+    return pn.pane.HTML(
+        f'<div class="section">{html.escape(title)}</div>',
+        stylesheets=[CSS],
+        sizing_mode="stretch_width",
+        margin=(8, 5, 0, 5),
+    )
+
+
+def _card(title: str, body: pn.viewable.Viewable, collapsed: bool) -> pn.Card:
+    return pn.Card(body, title=title, collapsed=collapsed, sizing_mode="stretch_width", margin=(4, 5))
+
+
+def create_app(shared: SharedState) -> pn.viewable.Viewable:
+    """The page for the current session (called by the server once per browser session)."""
+    args = pn.state.session_args if pn.state.curdoc is not None else {}
+    return ExplorerSession(shared, args or None).view()

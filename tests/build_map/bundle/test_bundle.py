@@ -1,0 +1,119 @@
+"""The bundle contract: atomic writes, versioning, schema."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from build_map.bundle.read import load_bundle
+from build_map.bundle.schema import BundleError, cluster_columns
+from build_map.bundle.write import write_bundle
+
+
+def synthetic_tables(n: int = 6):
+    features = pd.DataFrame(
+        {
+            "feature": np.arange(n),
+            "x": np.linspace(0, 1, n),
+            "y": np.linspace(1, 0, n),
+            "label": [f"feature {i}" for i in range(n)],
+            "label_source": "auto",
+            "density": 0.01,
+            "max_act": 2.0,
+            "mean_act": 1.0,
+            "top_tokens": [["a", "b"]] * n,
+            "top_logits": [["c"]] * n,
+            "bottom_logits": [["d"]] * n,
+            "neighbors": [[(i + 1) % n] for i in range(n)],
+            "dead": False,
+            "hidden": False,
+            "cluster_0": "all",
+            "cluster_1": ["left" if i < n // 2 else "right" for i in range(n)],
+        }
+    )
+    examples = pd.DataFrame(
+        {
+            "feature": [0, 0],
+            "rank": [0, 0],
+            "bucket": ["top", "q50"],
+            "act": [2.0, 1.0],
+            "tokens": [["x", "y"], ["z"]],
+            "acts": [[0.0, 2.0], [1.0]],
+        }
+    )
+    clusters = pd.DataFrame(
+        {
+            "level": [0, 1, 1],
+            "cluster": [0, 0, 1],
+            "name": ["all", "left", "right"],
+            "size": [n, n // 2, n - n // 2],
+            "x": 0.5,
+            "y": 0.5,
+            "parent": [-1, 0, 0],
+        }
+    )
+    return features, examples, clusters
+
+
+def _write(out, overwrite=False, render=None, **overrides):
+    features, examples, clusters = synthetic_tables()
+    tables = {"features": features, "examples": examples, "clusters": clusters, **overrides}
+    render = render or (lambda folder: (folder / "map.html").write_text("<html></html>"))
+    return write_bundle(
+        out, manifest={"model": {"spec": "tiny"}}, render_map=render, overwrite=overwrite, **tables
+    )
+
+
+def test_round_trip_schema(tmp_path):
+    bundle = load_bundle(_write(tmp_path / "b"))
+    assert bundle.n_features == 6
+    assert cluster_columns(bundle.features) == ["cluster_0", "cluster_1"]
+    assert bundle.manifest["format_version"] == 1
+    schema = pq.read_schema(tmp_path / "b" / "features.parquet")
+    assert str(schema.field("x").type) == "float"
+    assert str(schema.field("neighbors").type) == "list<element: int32>"
+    assert list(bundle.examples_for(0)["bucket"]) == ["top", "q50"]
+    with pytest.raises(BundleError, match=r"out of range: this bundle has features 0\.\.5"):
+        bundle.check_feature(6)
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    _write(tmp_path / "b")
+    with pytest.raises(BundleError, match="--overwrite"):
+        _write(tmp_path / "b")
+    _write(tmp_path / "b", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_failure_leaves_no_half_written_bundle(tmp_path):
+    def broken(folder):
+        raise RuntimeError("map failed")
+
+    with pytest.raises(RuntimeError):
+        _write(tmp_path / "b", render=broken)
+    assert list(tmp_path.iterdir()) == []
+    _write(tmp_path / "b")
+    with pytest.raises(RuntimeError):
+        _write(tmp_path / "b", overwrite=True, render=broken)
+    assert load_bundle(tmp_path / "b").n_features == 6  # the old bundle survives
+
+
+def test_unknown_format_version(tmp_path):
+    out = _write(tmp_path / "b")
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(BundleError, match="format_version 99"):
+        load_bundle(out)
+
+
+def test_missing_bundle_and_files(tmp_path):
+    with pytest.raises(BundleError, match="No bundle at"):
+        load_bundle(tmp_path / "nothing")
+    out = _write(tmp_path / "b")
+    (out / "examples.parquet").unlink()
+    with pytest.raises(BundleError, match="missing examples.parquet"):
+        load_bundle(out)

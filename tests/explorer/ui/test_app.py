@@ -1,0 +1,345 @@
+"""The explorer's Panel objects without a browser: clicks, edits, deep links, chat, escaping, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import pytest
+import torch
+
+from build_map.bundle.read import load_bundle
+from build_map.bundle.sources import BundleSourceError
+from build_map.steering.links import open_link
+from build_map.steering.requests import DEFAULT_STRENGTH, Edit, SteeringLimits
+from explorer.cli import load_shared, main
+from explorer.server import websocket_origins
+from explorer.ui.app import ExplorerSession
+from explorer.ui.html import render_card, render_example
+from tests.support.tiny_bundle import DEAD_FEATURE, HIDDEN_FEATURE, HTML_FEATURE, make_tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    return make_tiny_bundle(tmp_path_factory.mktemp("app"), real_map=False)
+
+
+@pytest.fixture(scope="module")
+def shared(bundle_dir):
+    args = argparse.Namespace(bundle=str(bundle_dir), model=None, sae=None, device="cpu", dtype="auto")
+    state = load_shared(args)
+    yield state
+    state.engine.close()
+
+
+@pytest.fixture
+def session(shared):
+    session = ExplorerSession(shared)
+    session.view()  # the layout builds
+    session.chat.max_new_tokens.value = 8
+    return session
+
+
+def _finish_turn(session, timeout: float = 60.0) -> None:
+    session.chat.wait(timeout)
+    deadline = time.monotonic() + timeout
+    while session.chat.busy and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not session.chat.busy
+
+
+# ---------------------------------------------------------------- selection, edits
+
+
+def test_map_click_updates_card_and_add_updates_edits(session):
+    session.map._handle_msg({"type": "feature-click", "feature": 3})
+    assert session.selected == 3
+    assert '<span class="fid">#3</span>' in session.card.html
+    assert not session.add_button.disabled
+    assert session.add_selected()
+    assert session.edits.current() == ([Edit(3, DEFAULT_STRENGTH, "nudge")], 1.0)
+    assert session.add_button.disabled  # already in the edits
+    assert not session.add_selected()
+    # messages that are not clicks, or carry no integer id, change nothing
+    for msg in (
+        {"type": "other", "feature": 4},
+        {"type": "feature-click", "feature": "4"},
+        {"feature": 4},
+        None,
+    ):
+        session.map._handle_msg(msg)
+    assert session.selected == 3
+
+
+def test_edit_rows_strength_mode_remove_reset(session):
+    for feature in (1, 2):
+        session.select(feature)
+        session.add_selected()
+    first, second = session.edits.rows
+    first.strength.value, second.mode.value = 2.5, "pin"
+    session.edits.multiplier.value = 0.5
+    assert session.edits.current() == ([Edit(1, 2.5, "nudge"), Edit(2, DEFAULT_STRENGTH, "pin")], 0.5)
+    limits = session.engine.limits
+    assert first.strength.fixed_end == limits.max_abs_strength
+    assert second.strength.fixed_start == 0.0  # a pin cannot be negative
+    first.remove.clicks += 1
+    assert [row.feature for row in session.edits.rows] == [2]
+    session.edits.reset_button.clicks += 1
+    assert session.edits.current() == ([], 1.0)
+
+
+def test_neighbour_and_chip_links_select_features(session):
+    session.card._handle_msg({"type": "select", "feature": 11})
+    assert session.selected == 11
+    assert session.map.focus == 11
+
+
+def test_hidden_feature_cannot_be_added(session):
+    session.map._handle_msg({"type": "feature-click", "feature": HIDDEN_FEATURE})
+    assert session.add_button.disabled
+    assert "Hidden features cannot be steered" in session.add_hint.object
+    assert not session.add_selected()
+    assert session.edits.current() == ([], 1.0)
+    assert "hidden" in session.card.html and "feature 7" not in session.card.html  # label not shown
+
+
+def test_sessions_do_not_share_edits(shared):
+    one, two = ExplorerSession(shared), ExplorerSession(shared)
+    one.select(4)
+    one.add_selected()
+    assert two.edits.current() == ([], 1.0) and two.selected is None
+
+
+# ---------------------------------------------------------------- search, deep links
+
+
+def test_search_is_case_insensitive_and_highlights(session):
+    matches = session.run_search("APRICOT")
+    assert matches and all("apricot" in session.bundle.features.label[m].lower() for m in matches)
+    assert session.map.highlights["search"] == matches
+    assert HIDDEN_FEATURE not in session.run_search("feature")
+    session.run_search("")
+    assert session.map.highlights["search"] == []
+
+
+def test_deep_link_parsing(shared):
+    bundle = shared.bundle
+    link = open_link(
+        {
+            "feature": [b"3", b"4", b"12", b"3"],
+            "strength": [b"0.5", b"-2"],
+            "mode": ["nudge", "nudge", "pin"],
+        },
+        bundle,
+    )
+    assert link.edits == [Edit(3, 0.5, "nudge"), Edit(4, -2.0, "nudge"), Edit(12, DEFAULT_STRENGTH, "pin")]
+    assert len(link.errors) == 1 and "twice" in link.errors[0]
+    bad = open_link(
+        {
+            "feature": ["x", "999", str(HIDDEN_FEATURE), "1", "2", "6"],
+            "strength": ["1", "1", "1", "nan", "99", "-1"],
+            "mode": ["nudge", "nudge", "nudge", "nudge", "nudge", "pin"],
+        },
+        bundle,
+        SteeringLimits(max_abs_strength=20),
+    )
+    assert bad.edits == []
+    text = " ".join(bad.errors)
+    for expected in ("'x' is not a feature id", "999 does not exist", "hidden", "beyond ±20", "negative"):
+        assert expected in text
+
+
+def test_deep_link_preselects_edits_and_reports_errors(shared):
+    session = ExplorerSession(shared, {"feature": [b"3", b"abc"], "strength": [b"0.5"]})
+    assert session.edits.current() == ([Edit(3, 0.5, "nudge")], 1.0)
+    assert session.selected == 3
+    assert "abc" in session.notice.object and "notice error" in session.notice.object
+
+
+# ---------------------------------------------------------------- escaping
+
+
+def test_html_in_labels_and_tokens_is_escaped(session):
+    bundle = session.bundle
+    card = render_card(bundle, HTML_FEATURE)
+    assert "<script>" not in card and "&lt;script&gt;" in card
+    assert "<b>bold" not in card and "<b>\u200b" not in card
+    assert "&lt;b&gt;" in card and "&lt;i&gt;" in card  # tokens and logit-lens entries
+    session.run_search("script")
+    assert "<script>" not in session.search_results.html
+    session.select(HTML_FEATURE)
+    session.add_selected()
+    assert "<script>" not in session.edits.rows[0].label.html
+
+
+def test_example_highlight_alpha_follows_activation():
+    page = render_example(["a", "b", "c"], [0.0, 1.0, 2.0], max_act=4.0)
+    assert "rgba(255, 140, 0, 0.25)" in page and "rgba(255, 140, 0, 0.50)" in page
+    assert page.count("background") == 2  # zero activation: no highlight
+
+
+def test_dead_feature_card_says_so(session):
+    assert "Dead feature" in render_card(session.bundle, DEAD_FEATURE)
+
+
+# ---------------------------------------------------------------- chat
+
+
+def test_no_edits_one_reply_then_features_light_up(session):
+    columns = session.chat.send("hello, how are you today?")
+    assert [c.name for c in columns] == ["reply"]
+    _finish_turn(session)
+    (reply,) = columns
+    assert reply.status == "finished"
+    assert reply.features is not None
+    shown = [f for f, _ in reply.features]
+    assert HIDDEN_FEATURE not in shown and DEAD_FEATURE not in shown
+    assert session.map.highlights.get("reply") == shown
+    if shown:  # a chip selects its feature
+        reply.chips._handle_msg({"type": "select", "feature": shown[0]})
+        assert session.selected == shown[0]
+    assert session.chat.history_default[-1]["role"] == "assistant"
+
+
+def test_edits_stream_default_and_steered_side_by_side(session):
+    session.select(3)
+    session.add_selected(strength=8.0)
+    columns = session.chat.send("hello")
+    assert [c.name for c in columns] == ["default", "steered"]
+    _finish_turn(session)
+    assert all(c.status == "finished" for c in columns)
+    default, steered = columns
+    assert default.pane.object.count("msg reply") == 1 and "steered" in steered.pane.object
+    assert default.text != steered.text or default.text == ""
+    # the second turn continues each column's own conversation
+    columns = session.chat.send("and then?")
+    _finish_turn(session)
+    assert columns[0].messages[1]["content"] == default.text
+    assert columns[1].messages[1]["content"] == steered.text
+
+
+def test_refused_request_is_shown_not_raised(session):
+    session.select(3)
+    session.add_selected(strength=10.0)
+    session.edits.multiplier.value = 3.0  # 30 × max act: beyond the engine's limit
+    columns = session.chat.send("hello")
+    turn = session.chat.history.objects[-1]
+    notice = turn.objects[-1].object
+    assert "Request refused" in notice and "beyond" in notice
+    assert all(c.status == "error" for c in columns) and not session.chat.busy
+
+
+def test_generation_exception_is_shown(session, monkeypatch):
+    class Broken:
+        status = "queued"
+
+        def events(self, timeout=None):
+            yield 0, "partial"
+            raise RuntimeError("CUDA out of memory")
+
+        def cancel(self):
+            pass
+
+    monkeypatch.setattr(session.engine, "submit", lambda request: Broken())
+    columns = session.chat.send("hello")
+    _finish_turn(session)
+    assert columns[0].status == "error"
+    assert "Generation failed" in columns[0].pane.object and "out of memory" in columns[0].pane.object
+    assert "partial" in columns[0].pane.object
+
+
+def test_stop_cancels_both_replies(session):
+    session.select(3)
+    session.add_selected()
+    session.chat.max_new_tokens.value = 400
+    session.chat.temperature.value = 0.0
+    columns = session.chat.send("hello")
+    session.chat.stop()
+    _finish_turn(session)
+    assert {c.status for c in columns} <= {"cancelled", "finished"}
+    assert any(c.status == "cancelled" for c in columns)
+
+
+# ---------------------------------------------------------------- server, CLI
+
+
+def test_websocket_origins_are_the_page_only():
+    assert websocket_origins("127.0.0.1", 5006) == ["127.0.0.1:5006", "localhost:5006"]
+    assert websocket_origins("10.0.0.2", 80) == ["10.0.0.2:80"]
+
+
+def test_websocket_origins_on_every_interface_are_this_machine(monkeypatch):
+    import socket
+
+    from explorer import server
+
+    monkeypatch.setattr(server, "machine_names", lambda: ["box", "box.lab", "10.1.2.3", "fe80::1"])
+    origins = websocket_origins("0.0.0.0", 5006)
+    assert origins == [
+        "localhost:5006",
+        "127.0.0.1:5006",
+        "box:5006",
+        "box.lab:5006",
+        "10.1.2.3:5006",
+        "[fe80::1]:5006",
+    ]
+    assert "0.0.0.0:5006" not in origins  # no browser sends that origin
+    assert socket.gethostname() in server.url_for("0.0.0.0", 5006)
+
+
+def test_allow_origin_adds_names():
+    origins = websocket_origins(
+        "127.0.0.1", 5006, ["proxy.example", "proxy.example:443", "::1", "[::1]:8080"]
+    )
+    assert origins[2:] == ["proxy.example:5006", "proxy.example:443", "[::1]:5006", "[::1]:8080"]
+
+
+def test_allow_origin_with_a_scheme_is_refused_clearly(capsys):
+    from explorer.cli import parse_args
+
+    assert parse_args(["b", "--allow-origin", "proxy.example:443"]).allow_origin == ["proxy.example:443"]
+    with pytest.raises(SystemExit):
+        parse_args(["b", "--allow-origin", "https://proxy.example/app"])
+    assert "leave out the scheme" in capsys.readouterr().err
+
+
+def test_cli_errors_are_clear(tmp_path, bundle_dir, capsys):
+    assert main([str(tmp_path / "missing"), "--no-show"]) == 2
+    assert "No bundle at" in capsys.readouterr().err
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    args = argparse.Namespace(bundle=str(bundle_dir), model=None, sae=None, device="cpu", dtype="auto")
+    try:
+        (bundle_dir / "manifest.json").write_text(
+            json.dumps({**manifest, "sae": {**manifest["sae"], "sha256": "0" * 64}})
+        )
+        with pytest.raises(BundleSourceError, match="not the SAE this bundle was built from"):
+            load_shared(args)
+        (bundle_dir / "manifest.json").write_text(json.dumps({**manifest, "sae": {"path": "nowhere"}}))
+        with pytest.raises(BundleSourceError, match="pass --sae"):
+            load_shared(args)
+    finally:
+        (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert load_bundle(bundle_dir).manifest == manifest
+
+
+def test_reply_features_match_a_manual_encode(shared):
+    engine, reader = shared.engine, shared.reply_features
+    messages = [{"role": "user", "content": "hello, how are you today?"}]
+    reply = "fine, thanks. and you?"
+    prompt_ids = engine.prompt_ids(messages)
+    reply_ids = engine.tokenizer(reply, add_special_tokens=False)["input_ids"]
+    seen = []
+    handle = engine.model.get_submodule(engine.hookpoint).register_forward_hook(
+        lambda module, args, out: seen.append(out)
+    )
+    try:
+        with torch.no_grad():
+            engine.model(input_ids=torch.tensor([prompt_ids + reply_ids]))
+    finally:
+        handle.remove()
+    acts = engine.sae.encode(seen[0][0, len(prompt_ids) :]) / engine.feature_scale
+    scores = acts.sum(0)
+    scores[[HIDDEN_FEATURE, DEAD_FEATURE]] = 0
+    expected = [int(i) for i in scores.topk(5).indices if scores[i] > 0]
+    assert [f for f, _ in reader.top(messages, reply, n=5)] == expected
