@@ -57,3 +57,59 @@ def embedded() -> LoadedModel:
     from build_map.lm.models import load_model
 
     return load_model(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """A planted decoder (six groups of 50 rows), its groups and its 2-D projection."""
+    from build_map.geometry.config import ProjectConfig
+    from build_map.geometry.projection import project_directions
+    from tests.support.planted import planted_decoder
+
+    directions, groups = planted_decoder()
+    xy = project_directions(directions, ProjectConfig(seed=0))
+    return directions, groups, xy
+
+
+@pytest.fixture
+def label_tables():
+    """(features, examples) of ten features for the label tests (``tests/support/label_tables.py``)."""
+    from tests.support.label_tables import label_tables
+
+    return label_tables()
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle_dir(tmp_path_factory):
+    """A fresh tiny bundle on disk (``tests/support/tiny_bundle.py``; its map is a placeholder),
+    one per test module."""
+    from tests.support.tiny_bundle import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("tiny-bundle"), real_map=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_session(tiny_bundle_dir):
+    """``open_bundle`` on the module's tiny bundle."""
+    from build_map.steering.session import open_bundle
+
+    with open_bundle(tiny_bundle_dir, device="cpu") as session:
+        yield session
+
+
+@pytest.fixture(scope="module")
+def explorer_shared(tiny_bundle_dir):
+    """The explorer's shared state (bundle, model, SAE, engine) over the module's tiny bundle."""
+    import argparse
+
+    from explorer.cli import load_shared
+
+    args = argparse.Namespace(bundle=str(tiny_bundle_dir), model=None, sae=None, device="cpu", dtype="auto")
+    state = load_shared(args)
+    yield state
+    state.engine.close()
+
+
+@pytest.fixture
+def tiny_bundle(tiny_session):
+    return tiny_session.bundle

@@ -43,45 +43,15 @@ BASE_COLUMNS = ("feature", "x", "y", "label", "density", "max_act", "top_tokens"
 # The map page's own scripts, in order: the first-view picture, then the bridge that uses it.
 BRIDGE_FILES = ("map_preview.js", "map_bridge.js")
 
-# Inside a JS template literal: escape a value for HTML (DataMapPlot inserts the tooltip as HTML).
-_JS_ESCAPE = "String({expr}).replace(/[&<>\"']/g, c => '&#' + c.charCodeAt(0) + ';')"
-
-_TOOLTIP_CSS = """
-.sae-tip { max-width: 360px; }
-.sae-tip-label { font-weight: 700; font-size: 1.15em; line-height: 1.2; }
-.sae-tip-path { opacity: 0.75; margin: 3px 0 6px 0; line-height: 1.2; }
-.sae-tip-stats { margin-bottom: 4px; }
-.sae-tok { display: inline-block; white-space: pre; padding: 0 4px; margin: 1px 3px 1px 0;
-           border-radius: 4px; background: rgba(127, 127, 127, 0.18);
-           font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.9em; }
-"""
-
 
 class MapInputError(ValueError):
     """The features table cannot be drawn as a map (missing columns, nothing visible, ...)."""
 
 
-def _escaped(expr: str) -> str:
-    return _JS_ESCAPE.format(expr=expr)
-
-
 def _tooltip_template() -> str:
-    """The hover card; a str.format_map template (DataMapPlot fills {{ }} -> { })."""
-    tokens = (
-        "hoverData.tokens[index].map(t => '<span class=\"sae-tok\">' + "
-        + _escaped("t")
-        + " + '</span>').join('')"
-    )
-    return (
-        '<div class="sae-tip">'
-        f'<div class="sae-tip-label">${{{{{_escaped("hoverData.hover_text[index]")}}}}}</div>'
-        f'<div class="sae-tip-path">${{{{{_escaped("hoverData.path[index]")}}}}}</div>'
-        '<div class="sae-tip-stats">#${{hoverData.feature[index]}} &middot; density '
-        f"${{{{{_escaped('hoverData.density[index]')}}}}} &middot; max act "
-        f"${{{{{_escaped('hoverData.max_act[index]')}}}}}</div>"
-        f"<div>${{{{{tokens}}}}}</div>"
-        "</div>"
-    )
+    """The hover card: a str.format_map template (DataMapPlot fills {{ }} -> { }) whose ${...}
+    fields escape every value for HTML in the browser (DataMapPlot inserts the card as HTML)."""
+    return asset_text("map_tooltip.html").strip()
 
 
 def _check_columns(features: pd.DataFrame, cluster_columns: Sequence[str]) -> None:
@@ -188,11 +158,10 @@ def _harden_inline_json(page: str) -> str:
 # DataMapPlot's data workers turn base64 into bytes one character at a time, in 1 MB steps; the
 # browser's own decoder (Uint8Array.fromBase64, Chromium 140+, Firefox 133+, Safari 18.2+) is
 # ~20x faster, which matters for the map's start-up on a small machine. Older browsers keep theirs.
-_WORKER_BASE64 = "const decodedData = await decodeBase64WithProgress(encodedData);"
-_NATIVE_BASE64 = (
-    "const decodedData = typeof Uint8Array.fromBase64 === 'function' "
-    "? Uint8Array.fromBase64(encodedData) : await decodeBase64WithProgress(encodedData);"
+_WORKER_BASE64 = (
+    "const decodedData = await decodeBase64WithProgress(encodedData);"  # found in DataMapPlot's page
 )
+_NATIVE_BASE64 = asset_text("map_native_base64.js").strip()
 
 
 def _native_base64(page: str) -> str:
@@ -231,7 +200,7 @@ def _plot(
             darkmode=darkmode,
             extra_point_data=_hover_columns(shown, levels, max_tokens),
             hover_text_html_template=_tooltip_template(),
-            on_click="window.saeMap && window.saeMap.pointClicked(index);",
+            on_click=asset_text("map_on_click.js").strip(),
             enable_search=True,
             search_field="hover_text",
             colormap_rawdata=colormap_rawdata,
@@ -244,7 +213,7 @@ def _plot(
             sub_title_font_size=13,
             font_family=FONT_FAMILY,
             tooltip_font_family=None,  # any other family makes DataMapPlot query Google Fonts
-            custom_css=_TOOLTIP_CSS,
+            custom_css=asset_text("map_tooltip.css"),
             custom_js=bridge_js,
             offline_mode=True,
             offline_mode_js_data_file=str(cache.js),

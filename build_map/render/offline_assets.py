@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 import platformdirs
 
-from build_map.common.assets import STATIC_DIR_ENV, static_dir
+from build_map.common.assets import STATIC_DIR_ENV, asset_text, static_dir
 from build_map.common.files import write_json_atomic
 from build_map.common.paths import cache_dir
 
@@ -79,9 +79,9 @@ class OfflineCache:
     fonts: Path
 
 
-def node_modules_dir(static: Path | None = None) -> Path:
+def node_modules_dir() -> Path:
     """static/node_modules, or a clear error saying how to install it."""
-    static = static or static_dir()
+    static = static_dir()
     modules = static / "node_modules"
     if not (modules / "deck.gl" / "dist.min.js").is_file():
         raise OfflineAssetsError(
@@ -177,27 +177,26 @@ def build_fonts_cache(modules: Path) -> dict[str, list[dict[str, str]]]:
     return {FONT_FAMILY: entries}
 
 
-def _stamp(static: Path) -> dict[str, object]:
-    lock = static / "package-lock.json"
+def _stamp() -> dict[str, object]:
+    lock = static_dir() / "package-lock.json"
     lock_hash = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "no-lock"
     return {"builder": _BUILDER_VERSION, "datamapplot": version("datamapplot"), "package_lock": lock_hash}
 
 
-def ensure_offline_cache(folder: Path | None = None, *, static: Path | None = None) -> OfflineCache:
+def ensure_offline_cache(folder: Path | None = None) -> OfflineCache:
     """Build (or reuse) the three DataMapPlot cache files from static/node_modules.
 
     Rebuilt when static/package-lock.json, DataMapPlot's version or this builder changes.
     """
-    static = static or static_dir()
     folder = folder or cache_dir("datamapplot-offline")
     folder.mkdir(parents=True, exist_ok=True)
     cache = OfflineCache(folder, folder / JS_CACHE, folder / CSS_CACHE, folder / FONTS_CACHE)
-    stamp = _stamp(static)
+    stamp = _stamp()
     stamp_path = folder / STAMP
     fresh = stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp
     if fresh and all(p.is_file() for p in (cache.js, cache.css, cache.fonts)):
         return cache
-    modules = node_modules_dir(static)
+    modules = node_modules_dir()
     _check_urls_covered()
     logger.info("Building DataMapPlot's offline cache in %s from %s", folder, modules)
     write_json_atomic(cache.js, build_js_cache(modules))
@@ -233,23 +232,18 @@ def _page_stylesheets(modules: Path) -> dict[str, str]:
     fa_url = next(url for url in PAGE_STYLESHEETS if "font-awesome" in url)
     woff2 = base64.b64encode((modules / FONT_AWESOME_WOFF2).read_bytes()).decode("ascii")
     # Point Font Awesome's @font-face at the embedded woff2 instead of its relative font files.
-    sheets[fa_url] = re.sub(
-        r"@font-face\s*{[^}]*}",
-        "@font-face{font-family:'FontAwesome';font-weight:normal;font-style:normal;"
-        f"src:url(data:font/woff2;base64,{woff2}) format('woff2')}}",
-        sheets[fa_url],
-        count=1,
-    )
+    face = asset_text("font_awesome_face.css").strip().replace("WOFF2_BASE64", woff2)
+    sheets[fa_url] = re.sub(r"@font-face\s*{[^}]*}", lambda _match: face, sheets[fa_url], count=1)
     return sheets
 
 
-def make_html_offline(html: str, *, static: Path | None = None) -> str:
+def make_html_offline(html: str) -> str:
     """Inline the stylesheets DataMapPlot links from CDNs and drop Google Fonts links.
 
     Raises OfflineAssetsError if any ``src=``/``href=`` to another host is left, so a page that
     would reach the network is never written.
     """
-    modules = node_modules_dir(static)
+    modules = node_modules_dir()
     for url, css in _page_stylesheets(modules).items():
         link = re.compile(r"<link\s+href=\"" + re.escape(url) + r"\"\s+rel=\"stylesheet\"\s*/?>")
         html = link.sub(lambda _m, css=css: _style_tag(css), html)
@@ -258,11 +252,9 @@ def make_html_offline(html: str, *, static: Path | None = None) -> str:
     if "offlineDataTablesScript" in html and "window.offlineDataTablesScript =" not in html:
         # Only selection handlers fetch DataTables at run time; give them the inlined copy.
         entry = build_js_cache(modules)["https://cdn.datatables.net/1.13.8/js/jquery.dataTables.min.js"]
-        html = html.replace(
-            "</head>",
-            f'<script>window.offlineDataTablesScript = "{entry["encoded_content"]}";</script>\n</head>',
-            1,
-        )
+        script = asset_text("offline_datatables.js", inline_in="script").strip()
+        script = script.replace("BASE64_OF_DATATABLES", entry["encoded_content"])
+        html = html.replace("</head>", f"<script>{script}</script>\n</head>", 1)
     leftover = external_references(html)
     if leftover:
         raise OfflineAssetsError(f"The map page still references other hosts: {leftover[:5]}")

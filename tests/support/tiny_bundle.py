@@ -8,9 +8,6 @@ dead, labels "apple …" / "Apricot …" for search.
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +19,6 @@ from build_map.bundle.write import write_bundle
 from build_map.common.files import file_sha256
 from build_map.sae.formats import save_sae
 from build_map.sae.model import SAEConfig, SparseAutoencoder
-from explorer.cli import load_shared
-from explorer.ui.app import SharedState
 from tests.support.tiny import TINY_D_MODEL, make_tiny_model, make_tiny_tokenizer
 
 D_MODEL, N_FEATURES, HOOKPOINT = TINY_D_MODEL, 48, "model.layers.1"
@@ -183,15 +178,3 @@ def make_tiny_bundle(root: Path, real_map: bool = True) -> Path:
         clusters=clusters,
         render_map=lambda folder: _render_map(features, folder, real_map),
     )
-
-
-@contextmanager
-def tiny_shared_state(root: Path) -> Iterator[SharedState]:
-    """The explorer's shared state (bundle, model, SAE, engine) over a fresh tiny bundle."""
-    args = argparse.Namespace(bundle=str(make_tiny_bundle(root, real_map=False)), model=None, sae=None,
-                              device="cpu", dtype="auto")  # fmt: skip
-    state = load_shared(args)
-    try:
-        yield state
-    finally:
-        state.engine.close()

@@ -1,4 +1,5 @@
-"""The cut forward equals the full forward and skips later layers; the buffer is a resumable shuffle."""
+"""Harvesting into the activation buffer: a seeded shuffle of the stream, resumable bit for bit, never
+silently replaced."""
 
 from __future__ import annotations
 
@@ -12,16 +13,9 @@ from build_map.activations.batches import iter_activation_batches
 from build_map.activations.buffer import ActivationBuffer, HarvestError, slot_permutation
 from build_map.activations.harvest import HarvestConfig, harvest_to_buffer
 from build_map.common.devices import resolve_compute_dtype
-from build_map.lm.capture import cut_forward
 from build_map.lm.corpus import CorpusConfig, token_sequences
 
 HOOKPOINT = "model.layers.0"  # of 2 layers: layer 1 must never run
-
-
-def _sequences(vocab: int, n: int = 12, seed: int = 0) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, 20, (n,), generator=gen).tolist()
-    return [torch.randint(3, vocab, (length,), generator=gen).tolist() for length in lengths]
 
 
 @pytest.fixture
@@ -38,68 +32,6 @@ def corpus_file(tmp_path):
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
     return path
-
-
-def _count_calls(module):
-    calls = []
-    handle = module.register_forward_hook(lambda *_: calls.append(1))
-    return calls, handle
-
-
-def test_cut_forward_matches_full_forward_and_skips_later_layers(tiny_model):
-    input_ids = torch.randint(
-        3, tiny_model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(1)
-    )
-    with torch.no_grad():
-        full = tiny_model(input_ids=input_ids, output_hidden_states=True).hidden_states[1]
-    hooks_before = len(tiny_model.model.layers[0]._forward_hooks)
-    calls, handle = _count_calls(tiny_model.model.layers[1])
-    head_calls, head_handle = _count_calls(tiny_model.lm_head)
-    try:
-        cut = cut_forward(tiny_model, HOOKPOINT, input_ids)
-    finally:
-        handle.remove()
-        head_handle.remove()
-    assert cut.shape == (3, 11, tiny_model.config.hidden_size)
-    torch.testing.assert_close(cut, full)
-    assert calls == [] and head_calls == []
-    # Only the scoped-hook dispatcher may remain (installed once per module), and it is idle.
-    hooks = list(tiny_model.model.layers[0]._forward_hooks.values())
-    assert len(hooks) in (hooks_before, hooks_before + 1)
-    assert all(getattr(h, "current", None) is None or h.current.get() is None for h in hooks)
-
-
-def test_cut_forward_handles_tuple_outputs(tiny_model):
-    """Older transformers return (hidden, ...) from a decoder layer."""
-    layer = tiny_model.model.layers[0]
-    handle = layer.register_forward_hook(lambda _m, _i, out: (out, "extra"))
-    try:
-        input_ids = torch.arange(3, 10).unsqueeze(0)
-        cut = cut_forward(tiny_model, "0", input_ids)
-    finally:
-        handle.remove()
-    assert cut.shape == (1, 7, tiny_model.config.hidden_size)
-
-
-def test_activation_batches_drop_first_and_padding(tiny_model, tiny_tokenizer):
-    sequences = _sequences(tiny_model.config.vocab_size)
-    batches = list(iter_activation_batches(tiny_model, tiny_tokenizer, HOOKPOINT, sequences, batch_tokens=60))
-    assert len(batches) > 1
-    acts = torch.cat([b.acts for b in batches])
-    seq_ids = torch.cat([b.sequence_ids for b in batches])
-    positions = torch.cat([b.positions for b in batches])
-    token_ids = torch.cat([b.token_ids for b in batches])
-    expected = [(s, p) for s, seq in enumerate(sequences) for p in range(1, len(seq))]
-    assert list(zip(seq_ids.tolist(), positions.tolist(), strict=True)) == expected
-    assert token_ids.tolist() == [sequences[s][p] for s, p in expected]
-    assert acts.dtype == torch.float32 and acts.device.type == "cpu"
-    # Each kept row equals that sequence run alone, unpadded, through the full model.
-    for s, seq in enumerate(sequences):
-        if len(seq) < 2:
-            continue
-        with torch.no_grad():
-            alone = tiny_model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states[1][0]
-        torch.testing.assert_close(acts[seq_ids == s], alone[1:], rtol=1e-4, atol=1e-5)
 
 
 def _harvest(loaded, corpus_file, folder, n_tokens=150, **kwargs):

@@ -1,41 +1,21 @@
-"""The explorer's Panel objects without a browser: clicks, edits, deep links, chat, escaping, CLI."""
+"""The explorer's Panel page without a browser: clicks, edits, deep links, chat, escaping."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import pytest
-import torch
 
-from build_map.bundle.read import load_bundle
-from build_map.bundle.sources import BundleSourceError
 from build_map.steering.links import open_link
 from build_map.steering.requests import DEFAULT_STRENGTH, Edit, SteeringLimits
-from explorer.cli import load_shared, main
-from explorer.server import websocket_origins
 from explorer.ui.app import ExplorerSession
 from explorer.ui.html import render_card, render_example
-from tests.support.tiny_bundle import DEAD_FEATURE, HIDDEN_FEATURE, HTML_FEATURE, make_tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    return make_tiny_bundle(tmp_path_factory.mktemp("app"), real_map=False)
-
-
-@pytest.fixture(scope="module")
-def shared(bundle_dir):
-    args = argparse.Namespace(bundle=str(bundle_dir), model=None, sae=None, device="cpu", dtype="auto")
-    state = load_shared(args)
-    yield state
-    state.engine.close()
+from tests.support.tiny_bundle import DEAD_FEATURE, HIDDEN_FEATURE, HTML_FEATURE
 
 
 @pytest.fixture
-def session(shared):
-    session = ExplorerSession(shared)
+def session(explorer_shared):
+    session = ExplorerSession(explorer_shared)
     session.view()  # the layout builds
     session.chat.max_new_tokens.value = 8
     return session
@@ -104,8 +84,8 @@ def test_hidden_feature_cannot_be_added(session):
     assert "hidden" in session.card.html and "feature 7" not in session.card.html  # label not shown
 
 
-def test_sessions_do_not_share_edits(shared):
-    one, two = ExplorerSession(shared), ExplorerSession(shared)
+def test_sessions_do_not_share_edits(explorer_shared):
+    one, two = ExplorerSession(explorer_shared), ExplorerSession(explorer_shared)
     one.select(4)
     one.add_selected()
     assert two.edits.current() == ([], 1.0) and two.selected is None
@@ -123,8 +103,8 @@ def test_search_is_case_insensitive_and_highlights(session):
     assert session.map.highlights["search"] == []
 
 
-def test_deep_link_parsing(shared):
-    bundle = shared.bundle
+def test_deep_link_parsing(explorer_shared):
+    bundle = explorer_shared.bundle
     link = open_link(
         {
             "feature": [b"3", b"4", b"12", b"3"],
@@ -150,8 +130,8 @@ def test_deep_link_parsing(shared):
         assert expected in text
 
 
-def test_deep_link_preselects_edits_and_reports_errors(shared):
-    session = ExplorerSession(shared, {"feature": [b"3", b"abc"], "strength": [b"0.5"]})
+def test_deep_link_preselects_edits_and_reports_errors(explorer_shared):
+    session = ExplorerSession(explorer_shared, {"feature": [b"3", b"abc"], "strength": [b"0.5"]})
     assert session.edits.current() == ([Edit(3, 0.5, "nudge")], 1.0)
     assert session.selected == 3
     assert "abc" in session.notice.object and "notice error" in session.notice.object
@@ -262,84 +242,3 @@ def test_stop_cancels_both_replies(session):
 
 
 # ---------------------------------------------------------------- server, CLI
-
-
-def test_websocket_origins_are_the_page_only():
-    assert websocket_origins("127.0.0.1", 5006) == ["127.0.0.1:5006", "localhost:5006"]
-    assert websocket_origins("10.0.0.2", 80) == ["10.0.0.2:80"]
-
-
-def test_websocket_origins_on_every_interface_are_this_machine(monkeypatch):
-    import socket
-
-    from explorer import server
-
-    monkeypatch.setattr(server, "machine_names", lambda: ["box", "box.lab", "10.1.2.3", "fe80::1"])
-    origins = websocket_origins("0.0.0.0", 5006)
-    assert origins == [
-        "localhost:5006",
-        "127.0.0.1:5006",
-        "box:5006",
-        "box.lab:5006",
-        "10.1.2.3:5006",
-        "[fe80::1]:5006",
-    ]
-    assert "0.0.0.0:5006" not in origins  # no browser sends that origin
-    assert socket.gethostname() in server.url_for("0.0.0.0", 5006)
-
-
-def test_allow_origin_adds_names():
-    origins = websocket_origins(
-        "127.0.0.1", 5006, ["proxy.example", "proxy.example:443", "::1", "[::1]:8080"]
-    )
-    assert origins[2:] == ["proxy.example:5006", "proxy.example:443", "[::1]:5006", "[::1]:8080"]
-
-
-def test_allow_origin_with_a_scheme_is_refused_clearly(capsys):
-    from explorer.cli import parse_args
-
-    assert parse_args(["b", "--allow-origin", "proxy.example:443"]).allow_origin == ["proxy.example:443"]
-    with pytest.raises(SystemExit):
-        parse_args(["b", "--allow-origin", "https://proxy.example/app"])
-    assert "leave out the scheme" in capsys.readouterr().err
-
-
-def test_cli_errors_are_clear(tmp_path, bundle_dir, capsys):
-    assert main([str(tmp_path / "missing"), "--no-show"]) == 2
-    assert "No bundle at" in capsys.readouterr().err
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    args = argparse.Namespace(bundle=str(bundle_dir), model=None, sae=None, device="cpu", dtype="auto")
-    try:
-        (bundle_dir / "manifest.json").write_text(
-            json.dumps({**manifest, "sae": {**manifest["sae"], "sha256": "0" * 64}})
-        )
-        with pytest.raises(BundleSourceError, match="not the SAE this bundle was built from"):
-            load_shared(args)
-        (bundle_dir / "manifest.json").write_text(json.dumps({**manifest, "sae": {"path": "nowhere"}}))
-        with pytest.raises(BundleSourceError, match="pass --sae"):
-            load_shared(args)
-    finally:
-        (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
-    assert load_bundle(bundle_dir).manifest == manifest
-
-
-def test_reply_features_match_a_manual_encode(shared):
-    engine, reader = shared.engine, shared.reply_features
-    messages = [{"role": "user", "content": "hello, how are you today?"}]
-    reply = "fine, thanks. and you?"
-    prompt_ids = engine.prompt_ids(messages)
-    reply_ids = engine.tokenizer(reply, add_special_tokens=False)["input_ids"]
-    seen = []
-    handle = engine.model.get_submodule(engine.hookpoint).register_forward_hook(
-        lambda module, args, out: seen.append(out)
-    )
-    try:
-        with torch.no_grad():
-            engine.model(input_ids=torch.tensor([prompt_ids + reply_ids]))
-    finally:
-        handle.remove()
-    acts = engine.sae.encode(seen[0][0, len(prompt_ids) :]) / engine.feature_scale
-    scores = acts.sum(0)
-    scores[[HIDDEN_FEATURE, DEAD_FEATURE]] = 0
-    expected = [int(i) for i in scores.topk(5).indices if scores[i] > 0]
-    assert [f for f, _ in reader.top(messages, reply, n=5)] == expected

@@ -11,18 +11,11 @@ import pytest
 from build_map.steering.links import open_link
 from build_map.steering.requests import Edit
 from explorer.ui.app import ExplorerSession
-from tests.support.tiny_bundle import tiny_shared_state
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    with tiny_shared_state(tmp_path_factory.mktemp("tools")) as state:
-        yield state
 
 
 @pytest.fixture
-def session(shared):
-    session = ExplorerSession(shared)
+def session(explorer_shared):
+    session = ExplorerSession(explorer_shared)
     session.view()
     session.chat.max_new_tokens.value = 8
     return session
@@ -32,7 +25,7 @@ def _saved(session) -> bytes:
     return session.recipes.recipe_file().getvalue().encode("utf-8")
 
 
-def test_save_then_load_recipe_restores_edits_and_sampling(session, shared):
+def test_save_then_load_recipe_restores_edits_and_sampling(session, explorer_shared):
     session.edits.add(Edit(3, 0.5, "pin"))
     session.edits.add(Edit(5, -1.25, "nudge"))
     session.edits.multiplier.value = 1.5
@@ -42,7 +35,7 @@ def test_save_then_load_recipe_restores_edits_and_sampling(session, shared):
     assert json.loads(data)["edits"][0] == {"feature": 3, "strength": 0.5, "mode": "pin"}
     expected = session.edits.current()
 
-    other = ExplorerSession(shared)
+    other = ExplorerSession(explorer_shared)
     other.edits.add(Edit(1, 1.0, "nudge"))
     assert other.recipes.load_bytes(data)
     assert other.edits.current() == expected
@@ -65,17 +58,17 @@ def test_recipe_for_another_sae_is_refused_visibly(session):
     assert "not JSON" in session.recipes.notice.object
 
 
-def test_copy_link_parses_back_into_the_same_edits(session, shared):
+def test_copy_link_parses_back_into_the_same_edits(session, explorer_shared):
     session.edits.add(Edit(3, 0.5, "pin"))
     session.edits.add(Edit(5, -1.25, "nudge"))
     session.edits.multiplier.value = 2.0
     query = session.recipes.update_link()
     assert session.recipes.link.value.endswith("?" + query)
     args = parse_qs(query)
-    link = open_link(args, shared.bundle, shared.engine.limits)
+    link = open_link(args, explorer_shared.bundle, explorer_shared.engine.limits)
     assert link.errors == []
     assert link.edits == session.edits.current()[0]
-    other = ExplorerSession(shared, {k: [v.encode() for v in vs] for k, vs in args.items()})
+    other = ExplorerSession(explorer_shared, {k: [v.encode() for v in vs] for k, vs in args.items()})
     assert other.edits.current() == session.edits.current()
     assert other.notice.object == ""
 

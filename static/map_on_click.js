@@ -1,0 +1,1 @@
+window.saeMap && window.saeMap.pointClicked(index);

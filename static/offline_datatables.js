@@ -1,0 +1,1 @@
+window.offlineDataTablesScript = "BASE64_OF_DATATABLES";

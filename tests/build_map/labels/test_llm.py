@@ -1,0 +1,88 @@
+"""The optional LLM labeller talks to an OpenAI-compatible endpoint (faked on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pandas as pd
+import pytest
+
+from build_map.labels.auto import auto_labels
+from build_map.labels.llm import LLMLabelError, llm_labels
+from build_map.labels.text import apply_labels
+
+
+class _FakeChat(BaseHTTPRequestHandler):
+    requests: list = []
+    fail = False
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append(
+            {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+        )
+        if type(self).fail:
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b"model exploded")
+            return
+        prompt = body["messages"][-1]["content"]
+        label = "Food\x1b[31m words" if "pizza»" in prompt else "Gratitude"
+        reply = {"choices": [{"message": {"role": "assistant", "content": label}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_endpoint():
+    _FakeChat.requests, _FakeChat.fail = [], False
+    server = HTTPServer(("127.0.0.1", 0), _FakeChat)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_llm_labels_need_configuration(label_tables, monkeypatch):
+    for name in ("SAE_MAP_LLM_URL", "SAE_MAP_LLM_KEY", "SAE_MAP_LLM_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(LLMLabelError, match="SAE_MAP_LLM_URL and SAE_MAP_LLM_MODEL are not set"):
+        llm_labels(*label_tables)
+
+
+def test_llm_labels_from_fake_endpoint(label_tables, fake_endpoint, monkeypatch):
+    features, examples = label_tables
+    monkeypatch.setenv("SAE_MAP_LLM_URL", fake_endpoint)
+    monkeypatch.setenv("SAE_MAP_LLM_KEY", "sk-test")
+    monkeypatch.setenv("SAE_MAP_LLM_MODEL", "tiny-labeller")
+    labels = llm_labels(features, examples, features=[0, 1, 3])  # 3 is dead: skipped
+    assert labels.to_dict() == {0: "Food[31m words", 1: "Gratitude"}
+    first = _FakeChat.requests[0]
+    assert first["path"] == "/v1/chat/completions"
+    assert first["auth"] == "Bearer sk-test"
+    assert first["body"]["model"] == "tiny-labeller"
+    assert "food" in first["body"]["messages"][-1]["content"]  # logit lens goes into the prompt
+    out = apply_labels(features, auto_labels(features, examples), read_label_series({1: "thanks"}), labels)
+    assert list(out.loc[[0, 1, 2], "label_source"]) == ["llm", "imported", "auto"]
+
+
+def read_label_series(mapping):
+    return pd.Series(mapping, dtype=object)
+
+
+def test_llm_endpoint_errors_are_clear(label_tables, fake_endpoint):
+    _FakeChat.fail = True
+    with pytest.raises(LLMLabelError, match="answered HTTP 500: model exploded"):
+        llm_labels(*label_tables, url=fake_endpoint, model="m", features=[0])
+    with pytest.raises(LLMLabelError, match="cannot be reached"):
+        llm_labels(*label_tables, url="http://127.0.0.1:9/v1", model="m", features=[0], timeout=2)

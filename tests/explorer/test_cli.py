@@ -1,0 +1,40 @@
+"""`explore` on the command line: bad options and stale bundles fail with one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from build_map.bundle.read import load_bundle
+from build_map.bundle.sources import BundleSourceError
+from explorer.cli import load_shared, main
+
+
+def test_allow_origin_with_a_scheme_is_refused_clearly(capsys):
+    from explorer.cli import parse_args
+
+    assert parse_args(["b", "--allow-origin", "proxy.example:443"]).allow_origin == ["proxy.example:443"]
+    with pytest.raises(SystemExit):
+        parse_args(["b", "--allow-origin", "https://proxy.example/app"])
+    assert "leave out the scheme" in capsys.readouterr().err
+
+
+def test_cli_errors_are_clear(tmp_path, tiny_bundle_dir, capsys):
+    assert main([str(tmp_path / "missing"), "--no-show"]) == 2
+    assert "No bundle at" in capsys.readouterr().err
+    manifest = json.loads((tiny_bundle_dir / "manifest.json").read_text())
+    args = argparse.Namespace(bundle=str(tiny_bundle_dir), model=None, sae=None, device="cpu", dtype="auto")
+    try:
+        (tiny_bundle_dir / "manifest.json").write_text(
+            json.dumps({**manifest, "sae": {**manifest["sae"], "sha256": "0" * 64}})
+        )
+        with pytest.raises(BundleSourceError, match="not the SAE this bundle was built from"):
+            load_shared(args)
+        (tiny_bundle_dir / "manifest.json").write_text(json.dumps({**manifest, "sae": {"path": "nowhere"}}))
+        with pytest.raises(BundleSourceError, match="pass --sae"):
+            load_shared(args)
+    finally:
+        (tiny_bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert load_bundle(tiny_bundle_dir).manifest == manifest
