@@ -51,6 +51,20 @@ def synthesize_bundle(
     rng = np.random.default_rng(seed)
     vocab = _vocabulary(rng)
     corpus = np.minimum(rng.zipf(1.15, size=3_200_000) - 1, VOCAB - 1)  # token ids of a chat corpus
+    features, names = _synthetic_features(rng, vocab, n_features)
+    examples = _synthetic_examples(rng, vocab, corpus, n_features, n_examples, n_tokens)
+    clusters = [
+        {"level": lv, "cluster": c, "name": str(n), "size": 1, "x": 0.0, "y": 0.0,
+         "parent": -1 if lv == 0 else c // 6}
+        for lv in range(len(names))
+        for c, n in enumerate(names[lv])
+    ]  # fmt: skip
+    _write_bundle(out, features, examples, clusters, len(names))
+    return out
+
+
+def _synthetic_features(rng: np.random.Generator, vocab: np.ndarray, n_features: int) -> tuple[dict, list]:
+    """Feature columns (Arrow arrays) in three nested cluster levels, and each level's names."""
     n_levels, fanout = 3, (12, 6, 6)
     fine = rng.integers(0, np.prod(fanout), size=n_features)
     centres = rng.normal(size=(np.prod(fanout), 2)) * 8
@@ -89,7 +103,14 @@ def synthesize_bundle(
     }
     for level in range(n_levels):
         features[f"cluster_{level}"] = pa.array(names[level][paths[level]])
+    return features, names
 
+
+def _synthetic_examples(
+    rng: np.random.Generator, vocab: np.ndarray, corpus: np.ndarray, n_features: int, n_examples: int,
+    n_tokens: int,
+) -> dict:  # fmt: skip
+    """Top examples: windows of the Zipf corpus with sparse activations and one peak each."""
     n_rows = n_features * n_examples
     starts = rng.integers(0, corpus.size - n_tokens, size=n_rows)
     tokens = corpus[starts[:, None] + np.arange(n_tokens)]  # (rows, n_tokens)
@@ -97,7 +118,7 @@ def synthesize_bundle(
     focus = rng.integers(n_tokens // 2, n_tokens, size=n_rows)
     peak = rng.gamma(4, 2, size=n_rows)
     acts[np.arange(n_rows), focus] = peak
-    examples = {
+    return {
         "feature": pa.array(np.repeat(np.arange(n_features, dtype=np.int32), n_examples)),
         "rank": pa.array(np.tile(np.arange(n_examples, dtype=np.int32), n_features)),
         "bucket": pa.array(["top"] * n_rows),
@@ -105,19 +126,9 @@ def synthesize_bundle(
         "tokens": _list_array(vocab[tokens.ravel()], n_tokens, pa.string()),
         "acts": _list_array(acts.astype(np.float32).ravel(), n_tokens, pa.float32()),
     }
-    clusters = [
-        {
-            "level": lv,
-            "cluster": c,
-            "name": str(n),
-            "size": 1,
-            "x": 0.0,
-            "y": 0.0,
-            "parent": -1 if lv == 0 else c // 6,
-        }
-        for lv in range(n_levels)
-        for c, n in enumerate(names[lv])
-    ]
+
+
+def _write_bundle(out: Path, features: dict, examples: dict, clusters: list, n_levels: int) -> None:
     out.mkdir(parents=True)
     schema = bundle_format.features_schema(n_levels)
     pq.write_table(
@@ -138,7 +149,6 @@ def synthesize_bundle(
         "hookpoint": "layers.19",
     }
     (out / bundle_format.MANIFEST).write_text(json.dumps(manifest))
-    return out
 
 
 def first_paint_seconds(html: Path, timeout_s: float = 120) -> dict[str, float]:

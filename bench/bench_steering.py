@@ -194,31 +194,40 @@ def main() -> None:
 
     run_batch(engine, [request(0, True)])  # warm up
     for rows in (1, 8):
-        totals = {False: [0, 0.0, 0.0], True: [0, 0.0, 0.0]}  # tokens, wall s, CPU s
-        for repeat in range(args.repeats):
-            for steered in (False, True) if repeat % 2 == 0 else (True, False):  # ABBA: drift hits both
-                for k, value in enumerate(run_batch(engine, [request(i, steered) for i in range(rows)])):
-                    totals[steered][k] += value
-        wall = {s: totals[s][0] / totals[s][1] for s in totals}
-        cpu = {s: totals[s][0] / totals[s][2] for s in totals}
-        label = "single stream" if rows == 1 else f"batch of {rows}"
-        print(
-            f"{label:>14}: unsteered {wall[False]:6.1f} tok/s | steered {wall[True]:6.1f} tok/s | "
-            f"ratio {wall[True] / wall[False]:.3f} wall, {cpu[True] / cpu[False]:.3f} per CPU-second "
-            "(target >= 0.97)"
-        )
-
+        print_throughput(engine, rows, args.repeats, request)
     for rows in (1, 8):
         plain_ms, steered_ms = step_times(engine, rows)
         print(
             f"   decode step: {rows} row{'s' if rows > 1 else ''}, median of 40 alternating steps: unsteered "
             f"{plain_ms:.1f} ms | steered {steered_ms:.1f} ms | throughput ratio {plain_ms / steered_ms:.3f}"
         )
+    print_sessions(engine, args.repeats, args.turns, sampling)
+    engine.close()
 
+
+def print_throughput(engine: SteeringEngine, rows: int, repeats: int, request) -> None:
+    """Steered vs unsteered tokens/s of batches of ``rows``, ABBA-ordered so drift hits both."""
+    totals = {False: [0, 0.0, 0.0], True: [0, 0.0, 0.0]}  # tokens, wall s, CPU s
+    for repeat in range(repeats):
+        for steered in (False, True) if repeat % 2 == 0 else (True, False):
+            for k, value in enumerate(run_batch(engine, [request(i, steered) for i in range(rows)])):
+                totals[steered][k] += value
+    wall = {s: totals[s][0] / totals[s][1] for s in totals}
+    cpu = {s: totals[s][0] / totals[s][2] for s in totals}
+    label = "single stream" if rows == 1 else f"batch of {rows}"
+    print(
+        f"{label:>14}: unsteered {wall[False]:6.1f} tok/s | steered {wall[True]:6.1f} tok/s | "
+        f"ratio {wall[True] / wall[False]:.3f} wall, {cpu[True] / cpu[False]:.3f} per CPU-second "
+        "(target >= 0.97)"
+    )
+
+
+def print_sessions(engine: SteeringEngine, repeats: int, turns: int, sampling: SamplingConfig) -> None:
+    """Aggregate tokens/s of 4 concurrent chat sessions against 1 (best of ``repeats``)."""
     sessions: dict[int, list[float]] = {1: [], 4: []}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for n_sessions in (1, 4):
-            sessions[n_sessions].append(sessions_throughput(engine, n_sessions, args.turns, sampling))
+            sessions[n_sessions].append(sessions_throughput(engine, n_sessions, turns, sampling))
     one, four = max(sessions[1]), max(sessions[4])
     print(
         f"      sessions: 1 session {one:6.1f} tok/s | 4 concurrent sessions {four:6.1f} tok/s aggregate | "
@@ -228,7 +237,6 @@ def main() -> None:
         f"                (the model alone, 4-row vs 1-row decoding steps: {batching_ceiling(engine):.2f}x)"
     )
     print(f"  engine stats: {engine.stats}")
-    engine.close()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from build_map.cli.base import run_command
+from build_map.cli.base import add_bundle_model_options, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -48,18 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="HOST[:PORT]",
         help="also accept pages served under this name (a proxy or DNS alias); repeatable",
     )
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), float32, bfloat16, float16",
-    )
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="model to load instead of the one in the manifest (HF id, folder or .gguf)",
-    )
-    parser.add_argument("--sae", default=None, help="SAE to load instead of the one in the manifest")
+    add_bundle_model_options(parser)
     parser.add_argument("--no-show", action="store_true", help="do not open a browser tab")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)

@@ -53,7 +53,7 @@ def config_help(cls: type, name: str) -> str:
     """Help text for a config field: its docstring plus its default (% escaped for argparse)."""
     field = next(f for f in fields(cls) if f.name == name)
     text = field_docs(cls).get(name, "")
-    if field.default is not MISSING and field.default is not None:
+    if field.default is not MISSING and field.default not in (None, False):  # a flag's default is off
         text += f" (default: {field.default})"
     return text.replace("%", "%%")
 
@@ -113,6 +113,22 @@ def common_options() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output (-vv: debug)"
     )
     return parent
+
+
+def add_bundle_model_options(parser: argparse.ArgumentParser) -> None:
+    """How a command that opens a bundle loads its model and SAE (``build_map.bundle.sources``)."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), float32, bfloat16, float16",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model to load instead of the one in the manifest (HF id, folder or .gguf)",
+    )
+    parser.add_argument("--sae", default=None, help="SAE to load instead of the one in the manifest")
 
 
 def setup_logging(verbosity: int) -> None:

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from build_map.cli.base import common_options
+from build_map.cli.base import add_bundle_model_options, common_options
 from build_map.steering.requests import Prompt
 from build_map.steering.sweep_window import SweepError
 
@@ -43,16 +43,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", required=True, help="folder for sweep.parquet, sweep.png, sweep.html, sweep.json"
     )
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), float32, ...",
-    )
-    parser.add_argument(
-        "--model", default=None, help="model instead of the manifest's (HF id, folder, .gguf)"
-    )
-    parser.add_argument("--sae", default=None, help="SAE instead of the manifest's")
+    add_bundle_model_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(run=run)
 

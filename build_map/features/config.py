@@ -44,10 +44,10 @@ class StatsConfig:
     seed: int = 0
     """Seed for the reservoir sampling."""
     compute_dtype: str = "auto"
-    """dtype of the forward passes, as in harvesting (``build_map.harvest.resolve_compute_dtype``):
-    "auto" runs a float32 model in bf16 on a CPU with native bf16 (its cut forward is 2.4x fp32's in
-    bench/bench_harvest.py; the demo SAE is trained on such activations), "model" keeps the model's
-    dtype; "float32", "bfloat16" and "float16" name one."""
+    """dtype of the forward passes, as in harvesting (``build_map.common.devices.resolve_compute_dtype``):
+    "auto" runs a float32 model in bf16 on a CPU with native bf16 (much faster there; the demo SAE is
+    trained on such activations), "model" keeps the model's dtype; "float32", "bfloat16" and
+    "float16" name one."""
 
     def __post_init__(self) -> None:
         if self.n_tokens < 1 or self.n_top < 1 or self.batch_tokens < 1:

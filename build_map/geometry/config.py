@@ -15,8 +15,7 @@ class ProjectConfig:
     n_neighbors: int = 30
     """UMAP neighbourhood size (kNN graph degree, counting the point itself). 30 rather than
     umap-learn's 15: decoder directions are noisy in thousands of dimensions, and the wider graph
-    keeps which families sit near which (trustworthiness of a 65,536 x 4,096 synthetic decoder:
-    0.85 at 30, 0.73 at 15; bench/bench_projection.py)."""
+    keeps which families sit near which (docs/ARCHITECTURE.md, "Projection defaults")."""
     min_dist: float = 0.1
     """UMAP minimum distance between points in the layout; smaller packs clusters tighter."""
     metric: str = "cosine"
@@ -32,16 +31,15 @@ class ProjectConfig:
     """PCA dimensions of the rows used for the k-means partition and handed to UMAP."""
     n_epochs: int | None = None
     """UMAP optimisation epochs. None: LARGE_EPOCHS from LARGE_INIT_MIN_ROWS rows (after a PCA init
-    they reach the trustworthiness of umap-learn's 200 and save a quarter of the layout time),
-    else umap-learn's choice (500 below 10,000 rows, 200 above)."""
+    they are as trustworthy as umap-learn's 200, in less time), else umap-learn's choice (500 below
+    10,000 rows, 200 above)."""
     init: str = "auto"
     """UMAP layout initialisation: "spectral" (the kNN graph's Laplacian eigenvectors, as
     umap-learn's; the eigensolver can take minutes on large, strongly clustered kNN graphs),
-    "coarse_spectral" (the spectral layout of a graph of
-    ~n/64 k-means buckets, spread back to their rows; seconds), "pca" (the rows' first two
-    principal components; instant), or "auto": spectral below LARGE_INIT_MIN_ROWS rows, pca from
-    there (on 32k-65k synthetic decoders pca gave trustworthiness 0.85 against 0.83-0.84 for
-    coarse_spectral and 0.74 for spectral)."""
+    "coarse_spectral" (the spectral layout of a graph of ~n/64 k-means buckets, spread back to
+    their rows; seconds), "pca" (the rows' first two principal components; instant), or "auto":
+    spectral below LARGE_INIT_MIN_ROWS rows, pca from there (the most trustworthy of the three on
+    large decoders; docs/ARCHITECTURE.md)."""
     seed: int | None = 0
     """Random seed; the same seed gives the same layout. None draws a random seed."""
     device: str = "auto"

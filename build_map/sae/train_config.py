@@ -19,10 +19,10 @@ class TrainConfig:
     lr: float | None = None
     """Adam learning rate; default 2e-4 / sqrt(n_latents / 2**14) × lr_boost (sparsify's scaling)."""
     lr_boost: float = 8.0
-    """Multiplier on sparsify's default lr, which is tuned for billions of tokens; we train on ~1M
-    (bench/bench_train.py has the sweep: 11 leaves 4% latents dead, 4 converges too slowly)."""
+    """Multiplier on sparsify's default lr, which is tuned for billions of tokens where this trains on
+    about a million (bench/bench_train.py sweeps it)."""
     batch_size: int = 2048
-    """Tokens per optimiser step (per token, 2048 trains 1.6× faster than 1024 on a CPU)."""
+    """Tokens per optimiser step (on a CPU, 2048 trains faster per token than 1024)."""
     epochs: int = 1
     """Passes over the training split."""
     max_tokens: int | None = None

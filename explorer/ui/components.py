@@ -66,33 +66,32 @@ class MapView(JSComponent):
         set_or_trigger(self, "focus", int(feature))
 
 
-class LinkedHTML(JSComponent):
-    """HTML whose ``[data-feature]`` elements report clicks to Python as ``clicked``."""
+class _ClickableHTML(JSComponent):
+    """HTML whose marked elements report clicks to Python as ``clicked`` (an int)."""
 
     html = param.String(default="", doc="Trusted HTML: callers escape untrusted text (see explorer.ui.html).")
-    clicked = param.Integer(default=None, allow_None=True, doc="The last feature clicked in this HTML.")
+    clicked = param.Integer(default=None, allow_None=True, doc="The number the last clicked element carries.")
 
     _stylesheets = [CSS]
+    _message: tuple[str, str] = ("", "")  # (type, field) of the browser's click message
+
+    def _handle_msg(self, msg: dict) -> None:
+        kind, field = self._message
+        if isinstance(msg, dict) and msg.get("type") == kind:
+            number = _whole_number(msg.get(field))
+            if number is not None:
+                set_or_trigger(self, "clicked", number)
+
+
+class LinkedHTML(_ClickableHTML):
+    """HTML whose ``[data-feature]`` elements select that feature: ``clicked`` is its id."""
+
     _esm = asset_path("components/linked_html.js")
-
-    def _handle_msg(self, msg: dict) -> None:
-        if isinstance(msg, dict) and msg.get("type") == "select":
-            feature = _whole_number(msg.get("feature"))
-            if feature is not None:
-                set_or_trigger(self, "clicked", feature)
+    _message = ("select", "feature")
 
 
-class TokenPicker(JSComponent):
-    """HTML whose ``[data-token]`` elements report clicks to Python as ``clicked``."""
+class TokenPicker(_ClickableHTML):
+    """HTML whose ``[data-token]`` elements pick a token: ``clicked`` is its index."""
 
-    html = param.String(default="", doc="Trusted HTML: tokens are escaped by render_tokens.")
-    clicked = param.Integer(default=None, allow_None=True, doc="Index of the token last clicked.")
-
-    _stylesheets = [CSS]
     _esm = asset_path("components/token_picker.js")
-
-    def _handle_msg(self, msg: dict) -> None:
-        if isinstance(msg, dict) and msg.get("type") == "token":
-            index = _whole_number(msg.get("index"))
-            if index is not None:
-                set_or_trigger(self, "clicked", index)
+    _message = ("token", "index")

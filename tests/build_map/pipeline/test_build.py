@@ -205,3 +205,12 @@ def test_existing_output_needs_overwrite(inputs, tiny_loaded, tmp_path):
     with pytest.raises(BundleError, match="--overwrite"):
         build_bundle(_config(folder, tmp_path / "out"), loaded=tiny_loaded)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_manifest_names_a_local_model_by_its_absolute_path(inputs, tiny_loaded, tmp_path, monkeypatch):
+    """A bundle built with a relative ``--model ./folder`` still finds its model from elsewhere."""
+    folder, _ = inputs
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    build_bundle(_config(folder, tmp_path / "b", model="my-model"), loaded=tiny_loaded)
+    assert load_bundle(tmp_path / "b").manifest["model"]["spec"] == str((tmp_path / "my-model").resolve())
