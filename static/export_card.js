@@ -1,4 +1,4 @@
-// Feature cards for the exported map page (build_map/export.py puts this file, export.css and
+// Feature cards for the exported map page (build_map/render/export/page.py puts this file, export.css and
 // the card data into the DataMapPlot page). Works from file:// with no network.
 //
 // - decodes the embedded card data (base91x2 text -> gzip via DecompressionStream -> typed arrays);
@@ -562,7 +562,7 @@
   // ------------------------------------------------------------------ start
 
   const decodingWorker = startDecodingWorker();
-  // The card data comes before this script in the page (build_map/export.py), so it is decoded
+  // The card data comes before this script in the page (build_map/render/export/page.py), so it is decoded
   // from here on, in a worker, while the parser is still reading the map's libraries and data
   // (one core parses, the other decodes).
   const cardsReady = decode()

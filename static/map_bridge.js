@@ -1,4 +1,4 @@
-// The map page's side of the parent <-> map protocol. build_map/render_map.py injects this file
+// The map page's side of the parent <-> map protocol. build_map/render/map_page.py injects this file
 // into the DataMapPlot page (its `custom_js`), where it runs at the end of the page's module
 // script and can see the page's `datamap` object.
 //

@@ -1,5 +1,5 @@
 // A 2D-canvas picture of the map's first view, shown while deck.gl prepares its first WebGL frame.
-// build_map/render_map.py puts this file before map_bridge.js in the page's module script.
+// build_map/render/map_page.py puts this file before map_bridge.js in the page's module script.
 //
 // Without a GPU (software WebGL) deck.gl's first frame takes seconds: every shader program is
 // translated and compiled on the CPU. Drawing the same points (positions, colours, radii) and the

@@ -281,9 +281,8 @@ class SteeringEngine:
             for job in jobs
             for local, steering in enumerate(job.steerings)
         ]
-        input_ids, attention_mask = (
-            t.to(input_device(self.model)) for t in left_pad([r.prompt_ids for r in rows], self.pad_id)
-        )
+        ids, mask = left_pad([row.prompt_ids for row in rows], self.pad_id)
+        input_ids, attention_mask = ids.to(input_device(self.model)), mask.to(input_device(self.model))
         steering = BatchSteering.build([row.steering for row in rows], self._device, hidden_dtype(self.model))
         config = GenerationConfig(
             max_new_tokens=max(row.sampling.max_new_tokens for row in rows),

@@ -6,7 +6,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from build_map.steering.links import recipe_from_query, recipe_to_query
+from build_map.steering.links import open_link, recipe_from_query, recipe_to_query
 from build_map.steering.recipes import Recipe, RecipeError, load_recipe, make_recipe
 from build_map.steering.requests import Edit, SamplingConfig
 from tests.support.tiny_bundle import HIDDEN_FEATURE
@@ -40,3 +40,15 @@ def test_links_made_here_open_in_the_explorer(tiny_bundle):
     query = recipe_to_query(Recipe(tuple(EDITS), 2.0, SamplingConfig(seed=5)))
     link = open_link(parse_qs(query), tiny_bundle)
     assert link.edits == EDITS and not link.errors
+
+
+def test_bad_settings_are_reported_and_the_edits_still_open(tiny_bundle):
+    link = open_link("feature=3&strength=0.5&temperature=9&seed=2", tiny_bundle)
+    assert link.edits == [Edit(3, 0.5, "nudge")] and link.settings == {}
+    assert link.errors == ["Link settings ignored: temperature 9.0 must be between 0 and 5."]
+    twice = open_link("feature=3&seed=1&seed=2&multiplier=1.5", tiny_bundle)
+    assert twice.settings == {"multiplier": 1.5} and twice.errors == [
+        "Link: seed is given 2 times; give it once."
+    ]
+    with pytest.raises(RecipeError, match="seed is given 2 times"):
+        recipe_from_query("feature=3&seed=1&seed=2", tiny_bundle)
