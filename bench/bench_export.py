@@ -159,7 +159,8 @@ def first_paint_seconds(html: Path, timeout_s: float = 120) -> dict[str, float]:
     ``cards_s``, the card data parsed; ``open_s``, the later of the two (the benchmark's figure: the
     map is visible and a click on it opens a card); ``live_s``, the WebGL map shown.
     """
-    from tests.support.browser import offline_browser  # the project's offline Chromium (outside requests aborted)
+    # The project's offline Chromium: requests outside the machine are aborted.
+    from tests.support.browser import offline_browser
 
     with offline_browser() as browser:
         page = browser.new_page((1400, 900))
