@@ -1,21 +1,10 @@
 """Per-feature statistics over a corpus: density, activations, examples, top tokens, logit lens, neighbours.
 
-One streaming pass runs the model (cut after the hookpoint) and the SAE over the corpus and keeps,
-per feature, only fixed-size tensors (so 65,536 features fit on a GPU):
-
-- active-token count and activation sum (density, mean over active tokens);
-- a running top-n of (activation, token location, window): each batch's nonzero activations (the
-  SAE is sparse, so there are few) are ranked within their feature and merged into (d_sae, n_top)
-  buffers;
-- a uniform reservoir sample of the same per feature, by the same merge with random keys (keep the
-  R largest keys = sample without replacement). Quantile-bucket examples and the tokens a feature
-  fires on come from it.
-
-An entry's *window* is the feature's activation on the ~20 tokens around it. A batch always holds
-whole sequences, so it is read from the batch's activations when the entry gets into a buffer; no
-activations are stored, and no second pass over the model is needed (one would re-run nearly every
-sequence: with thousands of features, almost every sequence holds some feature's example). Only
-token ids and (sequence, position) per token are kept from the corpus, to rebuild the windows' text.
+``compute_feature_stats`` runs one streaming pass (``build_map.features.streaming``: the model cut
+after the hookpoint, then the SAE, keeping only fixed-size tensors per feature, so 65,536 features
+fit on a GPU), then assembles the example table (``examples``) and the feature table (``table``).
+No second pass over the model is needed: with thousands of features, almost every sequence holds
+some feature's example, so a second pass would re-run nearly the whole corpus.
 """
 
 from __future__ import annotations
