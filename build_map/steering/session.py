@@ -47,9 +47,11 @@ def load_parts(
     if not isinstance(sae, SparseAutoencoder):  # check the hash before the slow model load
         path = sources.sae_path(bundle, None if sae is None else str(sae))
         sources.check_sae_hash(bundle, path, explicit=sae is not None)
-    if not isinstance(model, LoadedModel):
-        model = load_model(sources.model_spec(bundle, model), device, dtype)
-    loaded = model
+    loaded = (
+        model
+        if isinstance(model, LoadedModel)
+        else load_model(sources.model_spec(bundle, model), device, dtype)
+    )
     hookpoint = normalize_hookpoint(loaded.model, hookpoint)
     if isinstance(sae, SparseAutoencoder):
         check_matches_model(sae, d_model(loaded.model), hookpoint)
