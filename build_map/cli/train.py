@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from build_map.cli.base import add_config_argument, common_options, config_from_args, count, source_list
+
+if TYPE_CHECKING:
+    from build_map.pipeline.training_run import TrainRun
+    from build_map.sae.train_config import TrainConfig
 
 
 def add(subparsers: argparse._SubParsersAction) -> None:
@@ -68,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_summary(run, cfg) -> str:
+def train_summary(run: TrainRun, cfg: TrainConfig) -> str:
+    """The lines `build-map train` prints: where the SAE went, its held-out quality, the time."""
     m = run.metrics
     dead = round(m.dead_fraction * cfg.n_latents)
     return "\n".join(

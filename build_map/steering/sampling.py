@@ -83,7 +83,7 @@ class RowSampler:
         for r in whole.nonzero().flatten().tolist():
             row = logits[r]  # Gumbel-max needs no normalization
             if float(top_p[r]) < 1.0:
-                row = row.masked_fill(~self.nucleus_mask(row - log_total[r], float(top_p[r])), -math.inf)
+                row = row.masked_fill(~self._bucket_nucleus(row - log_total[r], float(top_p[r])), -math.inf)
             choice[r] = (row + _gumbel(noise[r])).argmax()
         return choice
 
