@@ -20,6 +20,7 @@ from build_map.bundle.schema import (
     MAP_HTML,
     REQUIRED_FILES,
     BundleError,
+    add_probe_defaults,
     cluster_columns,
 )
 
@@ -30,6 +31,8 @@ class Bundle:
     manifest: dict
     features: pd.DataFrame
     clusters: pd.DataFrame
+    probed: bool = True
+    """Whether the output-effect probe ran (bundles built before it have no steer_strength)."""
     _examples: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
@@ -99,8 +102,9 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{path / FEATURES} lacks columns {', '.join(absent)}; rebuild the bundle.")
     if not (features["feature"].to_numpy() == range(len(features))).all():
         raise BundleError(f"{path / FEATURES} must hold one row per feature, in order; rebuild the bundle.")
+    probed = add_probe_defaults(features)
     clusters = pq.read_table(path / CLUSTERS).to_pandas()
-    return Bundle(path, manifest, features, clusters)
+    return Bundle(path, manifest, features, clusters, probed=probed)
 
 
 def read_manifest(path: Path) -> dict:

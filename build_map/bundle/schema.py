@@ -2,7 +2,7 @@
 
 BUNDLE/
   manifest.json     how the bundle was made (model, hookpoint, SAE source/format/sha256, ...)
-  features.parquet  one row per feature (FEATURE_SCHEMA plus cluster_0..cluster_{L-1}, coarse→fine)
+  features.parquet  one row per feature (FEATURE_SCHEMA, PROBE_SCHEMA, cluster_0..cluster_{L-1} coarse→fine)
   examples.parquet  activating contexts per feature (EXAMPLE_SCHEMA)
   clusters.parquet  one row per named cluster per level (CLUSTER_SCHEMA)
   map.html          the DataMapPlot map
@@ -39,6 +39,17 @@ FEATURE_SCHEMA = pa.schema(
         ("hidden", pa.bool_()),  # moderated out: not drawn, cannot be steered
     ]
 )
+# The output-effect probe (build_map.features.output_probe). Bundles built before it lack these
+# columns; they still open, with the defaults of PROBE_DEFAULTS (not probed).
+PROBE_SCHEMA = pa.schema(
+    [
+        ("steer_strength", pa.float32()),  # the strength one click sets (× max act); NaN: not probed
+        ("steerability", pa.float32()),  # next-token probability moved onto its own tokens, 0..1
+        ("steer_kl", pa.float32()),  # KL(steered || unsteered) at steer_strength, nats
+        ("output_promotes", pa.list_(pa.string())),  # tokens it makes likelier, through the model
+        ("output_suppresses", pa.list_(pa.string())),  # ... and less likely
+    ]
+)
 EXAMPLE_SCHEMA = pa.schema(
     [
         ("feature", pa.int32()),
@@ -62,6 +73,19 @@ CLUSTER_SCHEMA = pa.schema(
 )
 
 
+def add_probe_defaults(features: pd.DataFrame) -> bool:
+    """Give a feature table without probe columns the not-probed defaults (NaN strength and
+    steerability, no output tokens), in place; True when some feature was probed."""
+    probed = all(name in features.columns for name in PROBE_SCHEMA.names) and bool(
+        features["steer_strength"].notna().any()
+    )
+    for name in PROBE_SCHEMA.names:
+        if name not in features.columns:
+            is_list = pa.types.is_list(PROBE_SCHEMA.field(name).type)
+            features[name] = [[] for _ in range(len(features))] if is_list else float("nan")
+    return probed
+
+
 class BundleError(ValueError):
     """A bundle is missing, incomplete, of another version, or would be overwritten."""
 
@@ -73,7 +97,7 @@ def cluster_columns(features: pd.DataFrame) -> list[str]:
 
 
 def features_schema(n_levels: int) -> pa.Schema:
-    schema = FEATURE_SCHEMA
+    schema = pa.unify_schemas([FEATURE_SCHEMA, PROBE_SCHEMA])
     for level in range(n_levels):
         schema = schema.append(pa.field(f"cluster_{level}", pa.string()))
     return schema

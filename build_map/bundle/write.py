@@ -21,6 +21,7 @@ from build_map.bundle.schema import (
     FORMAT_VERSION,
     MANIFEST,
     BundleError,
+    add_probe_defaults,
     cluster_columns,
     features_schema,
 )
@@ -49,9 +50,12 @@ def write_bundle(
 ) -> Path:
     """Write every file into a temporary sibling folder, then rename it into place.
 
-    ``render_map(folder)`` writes map.html into the temporary folder.
+    ``render_map(folder)`` writes map.html into the temporary folder. A feature table without the
+    probe's columns is written as not probed (``add_probe_defaults``).
     """
     out = check_can_write(out, overwrite)
+    features = features.copy()
+    add_probe_defaults(features)
     n_levels = len(cluster_columns(features))
     with atomic_folder(out) as tmp:
         _write_table(features, features_schema(n_levels), tmp / FEATURES)

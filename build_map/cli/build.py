@@ -35,6 +35,8 @@ def add_build(subparsers: argparse._SubParsersAction) -> None:
     add_config_argument(parser, BuildConfig, "overwrite", "--overwrite", action="store_true")
     add_config_argument(parser, BuildConfig, "title", "--title")
     add_config_argument(parser, BuildConfig, "seed", "--seed", type=int)
+    add_config_argument(parser, BuildConfig, "probe", "--no-probe", action="store_false",
+                        help="skip the output-effect probe (clicks then use the default strength)")  # fmt: skip
     parser.set_defaults(run=run_build)
 
 

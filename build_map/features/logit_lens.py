@@ -30,7 +30,7 @@ def logit_lens(
     vocab = int(param.shape[0])
     n_cand = min(3 * k, vocab)
     rows = max(1, _LOGIT_CHUNK_ELEMENTS // vocab)
-    excluded = _unlisted_ids(text.tokenizer, vocab)
+    excluded = unlisted_ids(text.tokenizer, vocab)
     top_ids, bottom_ids = [], []
     chunks = range(0, directions.shape[0], rows)
     for start in tqdm(chunks, desc="Logit lens", unit="chunk", disable=len(chunks) < 4):
@@ -47,7 +47,9 @@ def logit_lens(
     return _dedupe_rows(top, clean, k), _dedupe_rows(bottom, clean, k)
 
 
-def _unlisted_ids(tokenizer, vocab: int) -> list[int]:
+def unlisted_ids(tokenizer, vocab: int) -> list[int]:
+    """Ids no token list shows: unembedding rows past the tokenizer, the unknown token, a padding
+    token that is not EOS or BOS."""
     ids = set(range(len(tokenizer), vocab))  # unembedding rows padded past the tokenizer
     if getattr(tokenizer, "unk_token_id", None) is not None:
         ids.add(int(tokenizer.unk_token_id))

@@ -75,3 +75,10 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
         ids[row, width - len(sequence) :] = torch.tensor(list(sequence), dtype=torch.long)
         mask[row, width - len(sequence) :] = 1
     return ids, mask
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
+    """Token ids of chat messages rendered with the chat template, the generation prompt appended
+    (the template writes any BOS itself, so none is added again)."""
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -19,6 +19,8 @@ import pandas as pd
 from build_map.bundle.schema import MAP_HTML, cluster_columns
 from build_map.bundle.write import check_can_write, write_bundle
 from build_map.features.config import StatsConfig
+from build_map.features.output_probe import clear_share
+from build_map.features.probe_config import CLEAR_STEERABILITY, ProbeConfig
 from build_map.features.stats import compute_feature_stats
 from build_map.geometry.clusters import ClusterConfig, cluster_levels, cluster_parents
 from build_map.geometry.config import ProjectConfig
@@ -32,6 +34,7 @@ from build_map.lm.corpus import CorpusConfig, token_sequences
 from build_map.lm.hookpoints import d_model, default_hookpoint, normalize_hookpoint
 from build_map.lm.models import LoadedModel, load_model
 from build_map.pipeline.manifest import build_manifest
+from build_map.pipeline.probe_stage import probe_stage
 from build_map.render.map_page import render_map_html
 from build_map.sae.formats import load_sae
 from build_map.sae.model import SparseAutoencoder, check_matches_model
@@ -67,6 +70,9 @@ class BuildConfig:
     """Map title; defaults to the model and hookpoint."""
     seed: int = 0
     """Seed for corpus order, UMAP and clustering."""
+    probe: bool = True
+    """Run the output-effect probe (each feature's click strength, steerability and output tokens);
+    without it the explorer falls back to the default strength."""
 
 
 @dataclass
@@ -79,6 +85,9 @@ class BuildSummary:
     clusters_per_level: list[int]
     trustworthiness: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    clear_share: float | None = None
+    """Share of probed features with a clear effect at their steer_strength (None: not probed)."""
+    n_probed: int = 0
 
     def lines(self) -> list[str]:
         stages = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.stage_seconds.items())
@@ -87,8 +96,17 @@ class BuildSummary:
             f"features: {self.n_features} ({self.n_live} live, {self.n_dead} dead, {self.n_hidden} hidden)",
             f"clusters per level (coarse→fine): {' / '.join(map(str, self.clusters_per_level))}",
             f"trustworthiness (k=10, sample): {self.trustworthiness:.3f}",
+            self._probe_line(),
             f"time: {stages}; total {sum(self.stage_seconds.values()):.1f}s",
         ]
+
+    def _probe_line(self) -> str:
+        if self.clear_share is None:
+            return "output probe: not run (clicks use the default strength)"
+        return (
+            f"output probe: {self.n_probed} features; {100 * self.clear_share:.0f}% steer clearly at their "
+            f"steer_strength (steerability >= {CLEAR_STEERABILITY:g})"
+        )
 
 
 class _Stages:
@@ -116,6 +134,11 @@ def build_bundle(cfg: BuildConfig, loaded: LoadedModel | None = None) -> BuildSu
     with stage("labels"):
         features = _labelled(stats.features, stats.examples, inputs.imported, cfg.llm_labels)
         features["hidden"] = features["feature"].isin(inputs.hidden)
+    probe_cfg = ProbeConfig()
+    probe = None
+    if cfg.probe:
+        with stage("probe"):
+            features, probe = probe_stage(inputs.loaded, inputs.sae, inputs.hookpoint, features, probe_cfg)
     directions = inputs.sae.decoder_directions.detach().float().cpu().numpy()
     project_cfg = ProjectConfig(seed=cfg.seed, device=cfg.device)
     with stage("projection"):
@@ -125,8 +148,10 @@ def build_bundle(cfg: BuildConfig, loaded: LoadedModel | None = None) -> BuildSu
     with stage("clusters"):
         levels = cluster_levels(directions, xy, cluster_cfg)
         features, clusters = _named_clusters(features, xy, levels)
-    configs = {"project": project_cfg, "cluster": cluster_cfg}
+    configs = {"project": project_cfg, "cluster": cluster_cfg, **({"probe": probe_cfg} if probe else {})}
     manifest = build_manifest(cfg, inputs.loaded, inputs.sae, inputs.hookpoint, stats, corpus, configs, trust)
+    if probe:
+        manifest["probe"] = probe.manifest()
     with stage("map"):
         title = cfg.title or f"{inputs.loaded.spec} · {inputs.hookpoint} · {inputs.sae.d_sae:,} SAE features"
         write_bundle(out, manifest=manifest, features=features, examples=stats.examples, clusters=clusters,
@@ -140,6 +165,8 @@ def build_bundle(cfg: BuildConfig, loaded: LoadedModel | None = None) -> BuildSu
         clusters_per_level=[int(len(np.unique(level))) for level in levels],
         trustworthiness=trust,
         stage_seconds=stage.seconds,
+        clear_share=clear_share(features) if probe else None,
+        n_probed=probe.n_probed if probe else 0,
     )
 
 

@@ -32,7 +32,7 @@ from build_map.lm.hookpoints import (
     resolve_hookpoint,
 )
 from build_map.lm.hooks import install_dispatch
-from build_map.lm.tokens import eos_token_ids, left_pad, pad_token_id
+from build_map.lm.tokens import chat_prompt_ids, eos_token_ids, left_pad, pad_token_id
 from build_map.sae.model import SparseAutoencoder
 from build_map.steering.requests import (
     BatchingConfig,
@@ -201,8 +201,7 @@ class SteeringEngine:
         if not getattr(self.tokenizer, "chat_template", None):
             raise SteeringError("This tokenizer has no chat template; pass token ids instead of messages.")
         with self._tokenizer_lock:
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return chat_prompt_ids(self.tokenizer, prompt)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of plain text (no special tokens), e.g. a reply to read back."""

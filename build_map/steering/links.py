@@ -3,8 +3,8 @@ read by one parser::
 
     ?feature=12&strength=0.5&mode=pin&feature=40&strength=1&mode=nudge&multiplier=1.5&temperature=0.7&seed=3
 
-``feature`` / ``strength`` / ``mode`` pair by position (a missing strength is DEFAULT_STRENGTH, a
-missing mode DEFAULT_MODE); the other keys are single values. ``recipe_from_query`` is strict (the
+``feature`` / ``strength`` / ``mode`` pair by position (a missing strength is the feature's click
+strength, ``build_map.steering.click``; a missing mode DEFAULT_MODE); the other keys are single values. ``recipe_from_query`` is strict (the
 first problem is an error); ``open_link`` is what the explorer opens: every good edit, the settings
 if they are valid, and one message per problem.
 """
@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 from build_map.bundle.read import Bundle
+from build_map.steering.click import StrengthOf, strength_of
 from build_map.steering.recipes import (
     SAMPLING_KEYS,
     Recipe,
@@ -31,7 +32,6 @@ from build_map.steering.recipes import (
 )
 from build_map.steering.requests import (
     DEFAULT_MODE,
-    DEFAULT_STRENGTH,
     Edit,
     SamplingConfig,
     SteeringError,
@@ -68,15 +68,18 @@ class DeepLink:
     errors: list[str] = field(default_factory=list)
 
 
-def parse_link_query(query: Query) -> LinkQuery:
-    """Read a link's values; a value that is not a number is reported and left out."""
+def parse_link_query(query: Query, default: StrengthOf | None = None) -> LinkQuery:
+    """Read a link's values; a value that is not a number is reported and left out. A feature
+    without a strength gets ``default(feature)`` (the bundle's click strength), DEFAULT_STRENGTH
+    without one."""
+    default = default or strength_of(None)
     params = _query_dict(query)
     features, strengths, modes = (params.get(key, []) for key in ("feature", "strength", "mode"))
     link = LinkQuery()
     for i, raw in enumerate(features):
         try:
             feature = _parse(raw, int, "feature")
-            strength = _parse(strengths[i], float, "strength") if i < len(strengths) else DEFAULT_STRENGTH
+            strength = _parse(strengths[i], float, "strength") if i < len(strengths) else default(feature)
         except RecipeError as exc:
             link.errors.append(str(exc))
             continue
@@ -99,7 +102,7 @@ def parse_link_query(query: Query) -> LinkQuery:
 def recipe_from_query(query: Query, bundle: Bundle | None = None) -> Recipe:
     """The recipe a link carries; its first problem is a RecipeError. With ``bundle`` the recipe is
     checked against it and takes its SAE hash, model and hookpoint."""
-    link = parse_link_query(query)
+    link = parse_link_query(query, strength_of(bundle))
     if link.errors:
         raise RecipeError(link.errors[0])
     settings = dict(link.settings)
@@ -117,7 +120,7 @@ def open_link(query: Query, bundle: Bundle, limits: SteeringLimits | None = None
     """Every edit of a link that this bundle can serve, its settings if they are all valid, and a
     message for each problem (the rest of the link still opens)."""
     limits = limits or SteeringLimits()
-    parsed = parse_link_query(query)
+    parsed = parse_link_query(query, strength_of(bundle))
     opened = DeepLink(errors=list(parsed.errors))
     hidden = bundle.features["hidden"].to_numpy(bool)
     problems = dict(edit_problems(parsed.edits, 1.0, bundle.n_features, hidden, limits))

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from build_map.bundle.read import Bundle
+from build_map.steering.click import StrengthOf, strength_of
 from build_map.steering.requests import (
     DEFAULT_MODE,
     DEFAULT_STRENGTH,
@@ -108,13 +109,15 @@ def load_recipe(
 ) -> Recipe:
     """Read a recipe (file path, JSON text or dict) and check it against ``bundle``."""
     data, source = _read(path_or_text)
-    recipe = recipe_from_dict(data, source)
+    recipe = recipe_from_dict(data, source, strength_of(bundle))
     check_recipe(recipe, bundle, limits, source)
     return recipe
 
 
-def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
-    """Parse the JSON structure (format, version, fields); the values are judged by ``check_recipe``."""
+def recipe_from_dict(data: Any, source: str = "recipe", default: StrengthOf | None = None) -> Recipe:
+    """Parse the JSON structure (format, version, fields); the values are judged by ``check_recipe``.
+    An edit without a strength gets ``default(feature)`` (the bundle's click strength, see
+    ``build_map.steering.click``), DEFAULT_STRENGTH without one."""
     if not isinstance(data, Mapping):
         raise RecipeError(f"{source}: a recipe is a JSON object, not {type(data).__name__}.")
     if data.get("format") != RECIPE_FORMAT:
@@ -137,7 +140,9 @@ def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
     if unknown:
         logger.warning("%s: ignoring unknown sampling keys %s", source, ", ".join(unknown))
     return Recipe(
-        edits=tuple(_edit_from_dict(item, i, source) for i, item in enumerate(edits)),
+        edits=tuple(
+            _edit_from_dict(item, i, source, default or strength_of(None)) for i, item in enumerate(edits)
+        ),
         multiplier=_as_float(data.get("multiplier", 1.0)),
         sampling=sampling_from(sampling),
         model=_optional_str(data.get("model")),
@@ -197,12 +202,19 @@ def _read(path_or_text: str | Path | Mapping) -> tuple[Any, str]:
         ) from None
 
 
-def _edit_from_dict(item: Any, index: int, source: str) -> Edit:
+def _edit_from_dict(item: Any, index: int, source: str, default: StrengthOf) -> Edit:
     if not isinstance(item, Mapping) or "feature" not in item:
         raise RecipeError(f"{source}: edit {index} must be an object with feature, strength and mode.")
-    return Edit(
-        item["feature"], _as_float(item.get("strength", DEFAULT_STRENGTH)), item.get("mode", DEFAULT_MODE)
-    )
+    feature = item["feature"]
+    if "strength" in item:
+        strength = _as_float(item["strength"])
+    else:  # a feature id that is not a number is the validator's to name
+        strength = (
+            default(feature)
+            if isinstance(feature, int) and not isinstance(feature, bool)
+            else DEFAULT_STRENGTH
+        )
+    return Edit(feature, strength, item.get("mode", DEFAULT_MODE))
 
 
 def sampling_from(values: Mapping[str, Any]) -> SamplingConfig:

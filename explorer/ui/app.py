@@ -5,7 +5,8 @@ and the reply-feature reader. Per session (built in ``create_app``): the selecti
 the chat history. Nothing session-specific is global, so two users never see each other's edits.
 
 Strength units (the engine's): multiples of the feature's max activation in the corpus; 1.0 =
-"as strong as it ever fires". "Add to edits" uses ``DEFAULT_STRENGTH`` in ``DEFAULT_MODE``.
+"as strong as it ever fires". "Add to edits" uses the feature's click strength (its calibrated
+``steer_strength``, ``build_map.steering.click``) in ``DEFAULT_MODE``.
 
 Deep links: ``/?feature=12&strength=0.5&mode=pin&feature=40`` preselects edits
 (``build_map.steering.links``); bad values are reported on the page and skipped.
@@ -21,10 +22,11 @@ from dataclasses import dataclass
 import panel as pn
 
 from build_map.bundle.read import Bundle
+from build_map.steering.click import click_strength, is_calibrated
 from build_map.steering.engine import SteeringEngine
 from build_map.steering.links import DeepLink, open_link
 from build_map.steering.reply_features import ReplyFeatures
-from build_map.steering.requests import DEFAULT_MODE, DEFAULT_STRENGTH, Edit, SamplingConfig
+from build_map.steering.requests import DEFAULT_MODE, Edit, SamplingConfig
 from explorer.ui.attribution_panel import AttributionPanel
 from explorer.ui.chat import ChatPanel
 from explorer.ui.components import LinkedHTML, MapView
@@ -140,12 +142,15 @@ class ExplorerSession:
         if focus and not bool(self.bundle.features.iloc[self.selected]["hidden"]):
             self.map.focus_on(self.selected)
 
-    def add_selected(self, strength: float = DEFAULT_STRENGTH, mode: str = DEFAULT_MODE) -> bool:
-        """Add the selected feature to the edits; False (with the reason shown) when refused."""
+    def add_selected(self, strength: float | None = None, mode: str = DEFAULT_MODE) -> bool:
+        """Add the selected feature to the edits, at its click strength unless ``strength`` is
+        given; False (with the reason shown) when refused."""
         reason = self._cannot_add(self.selected)
         if reason:
             self.add_hint.object = f'<span class="muted">{esc(reason)}</span>'
             return False
+        if strength is None:
+            strength = click_strength(self.bundle, int(self.selected))
         self.edits.add(Edit(int(self.selected), strength, mode))
         return True
 
@@ -218,9 +223,11 @@ class ExplorerSession:
         elif reason:
             self.add_hint.object = f'<span class="muted">{esc(reason)}</span>'
         else:
+            strength = click_strength(self.bundle, self.selected)
+            how = "calibrated" if is_calibrated(self.bundle, self.selected) else "default, not calibrated"
             self.add_hint.object = (
                 f'<span class="muted">{esc(feature_name(self.bundle, self.selected))}: nudge at '
-                f"{DEFAULT_STRENGTH:g}× max act</span>"
+                f"{strength:.3g}× max act ({how})</span>"
             )
 
     # ------------------------------------------------------------ layout

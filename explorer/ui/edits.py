@@ -6,6 +6,7 @@ import panel as pn
 import param
 
 from build_map.bundle.read import Bundle
+from build_map.steering.click import click_strength, is_calibrated
 from build_map.steering.requests import MODES, Edit, SteeringLimits
 from explorer.ui.components import LinkedHTML, set_or_trigger
 from explorer.ui.html import CSS, feature_link
@@ -16,19 +17,26 @@ MULTIPLIER_RANGE = (0.0, 3.0)
 
 
 class EditRow:
-    """One edit: strength (× max activation), mode, remove."""
+    """One edit: strength (× max activation), mode, remove. The feature's click strength is the
+    slider's marked default: named in its label, and one press of ↺ away."""
 
     def __init__(self, bundle: Bundle, edit: Edit, limits: SteeringLimits, on_remove, on_select):
         self.feature = edit.feature
         bound = limits.max_abs_strength
+        self.default = click_strength(bundle, edit.feature)
+        calibrated = is_calibrated(bundle, edit.feature)
+        span = min(bound, max(SLIDER_RANGE, 2 * abs(self.default), abs(edit.strength)))
         self.label = LinkedHTML(
             html=feature_link(bundle, edit.feature), sizing_mode="stretch_width", margin=(4, 5)
         )
         self.label.param.watch(lambda event: on_select(event.new), "clicked")
+        mark = (
+            f"calibrated {self.default:.3g}" if calibrated else f"default {self.default:.3g}, not calibrated"
+        )
         self.strength = pn.widgets.EditableFloatSlider(
-            label="strength (× max act)",
-            start=-SLIDER_RANGE,
-            end=SLIDER_RANGE,
+            label=f"strength (× max act) · {mark}",
+            start=-span,
+            end=span,
             step=0.05,
             fixed_start=0.0 if edit.mode == "pin" else -bound,
             fixed_end=bound,
@@ -38,11 +46,15 @@ class EditRow:
         )
         self.mode = pn.widgets.Select(label="mode", options=list(MODES), value=edit.mode, width=80)
         self.mode.param.watch(self._mode_changed, "value")
+        self.to_default = pn.widgets.Button(
+            label="↺", width=36, color="light", description=f"Back to the click strength {self.default:.3g}"
+        )
+        self.to_default.on_click(lambda event: self.reset_strength())
         self.remove = pn.widgets.Button(label="✕", width=36, color="light", description="Remove this edit")
         self.remove.on_click(lambda event: on_remove(self))
         self.view = pn.Column(
             pn.Row(self.label, self.remove, sizing_mode="stretch_width", margin=0),
-            pn.Row(self.strength, self.mode, sizing_mode="stretch_width", margin=0),
+            pn.Row(self.strength, self.to_default, self.mode, sizing_mode="stretch_width", margin=0),
             sizing_mode="stretch_width",
             css_classes=["edit-row"],
             styles={"border-bottom": "1px solid #eaeef2"},
@@ -53,6 +65,9 @@ class EditRow:
         self.strength.fixed_start = 0.0 if event.new == "pin" else -self.strength.fixed_end
         if event.new == "pin" and self.strength.value < 0:
             self.strength.value = 0.0
+
+    def reset_strength(self) -> None:
+        self.strength.value = self.default if self.mode.value == "nudge" else max(0.0, self.default)
 
     def edit(self) -> Edit:
         return Edit(self.feature, float(self.strength.value), self.mode.value)

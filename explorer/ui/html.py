@@ -16,6 +16,9 @@ import pandas as pd
 
 from build_map.bundle.read import Bundle
 from build_map.common.assets import asset_text
+from build_map.features.probe_config import CLEAR_STEERABILITY
+from build_map.steering.click import click_strength, is_calibrated
+from build_map.steering.requests import DEFAULT_STRENGTH
 
 N_TOP_EXAMPLES = 5
 """Examples from the "top" bucket shown on a card."""
@@ -151,17 +154,43 @@ def render_card(bundle: Bundle, feature: int) -> str:
         f"<span>mean act <b>{float(row['mean_act']):.3g}</b></span>"
         f'<span class="muted">label: {esc(row["label_source"])}</span></div>'
     )
-    lens = (
-        _token_list("fires on", _as_list(row["top_tokens"])[:N_LOGIT_TOKENS], "fires")
-        + _token_list("promotes", _as_list(row["top_logits"])[:N_LOGIT_TOKENS], "up")
-        + _token_list("suppresses", _as_list(row["bottom_logits"])[:N_LOGIT_TOKENS], "down")
-    )
+    fires = _token_list("fires on", _as_list(row["top_tokens"])[:N_LOGIT_TOKENS], "fires")
     return (
         f'<div class="card"><h3><span class="fid">#{int(feature)}</span> {esc(label)}</h3>'
-        f'{_cluster_path(bundle, row)}{dead}{stats}<div class="lens">{lens}</div>'
+        f'{_cluster_path(bundle, row)}{dead}{stats}<div class="lens">{fires}'
+        f"{_steering_html(bundle, int(feature), row)}</div>"
         f"{_examples_html(bundle.examples_for(int(feature)), max_act)}"
         f"{_neighbours_html(bundle, row)}</div>"
     )
+
+
+def _steering_html(bundle: Bundle, feature: int, row: pd.Series) -> str:
+    """What a click does: the calibrated strength, the steerability and the tokens the feature
+    makes likelier / less likely through the model (the output probe), then the direct logit lens.
+    Bundles built before the probe say so and show the logit lens alone."""
+    lens = _token_list("promotes", _as_list(row["top_logits"])[:N_LOGIT_TOKENS], "up") + _token_list(
+        "suppresses", _as_list(row["bottom_logits"])[:N_LOGIT_TOKENS], "down"
+    )
+    if bool(row["dead"]):
+        return lens
+    if not is_calibrated(bundle, feature):
+        note = (
+            f"Not calibrated: this bundle was built before the output probe, so a click steers at the default "
+            f"×{DEFAULT_STRENGTH:g}, which often changes nothing visible. Rebuild it with build-map build."
+        )
+        return f'{notice("info", note)}<p class="muted">Direct logit lens (decoder → unembedding):</p>{lens}'
+    strength, steerability = click_strength(bundle, feature), float(row["steerability"])
+    level = "steers clearly" if steerability >= CLEAR_STEERABILITY else "steers weakly"
+    head = (
+        f'<div class="steer-head"><span>one click: <b>×{strength:.3g}</b> max act</span>'
+        f'<span title="Share of next-token probability moved onto the tokens below at that strength">'
+        f"steerability <b>{steerability:.2f}</b> · {level}</span>"
+        f'<span class="meter"><span style="width:{min(100.0, 100 * steerability / 0.5):.0f}%"></span></span></div>'
+    )
+    output = _token_list("writes", _as_list(row["output_promotes"])[:N_LOGIT_TOKENS], "up") + _token_list(
+        "holds back", _as_list(row["output_suppresses"])[:N_LOGIT_TOKENS], "down"
+    )
+    return f"{head}{output}<details><summary>direct logit lens</summary>{lens}</details>"
 
 
 def render_chips(bundle: Bundle, scored: Sequence[tuple[int, float]], title: str = "Active features") -> str:

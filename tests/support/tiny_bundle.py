@@ -3,7 +3,7 @@ tokenizer (saved as a model folder), a random 48-feature SAE (saved in this
 project's format), synthetic features / examples / clusters, and a real DataMapPlot map.html.
 
 Planted on purpose: feature 5's label holds HTML (escaping), feature 7 is hidden, feature 9 is
-dead, labels "apple …" / "Apricot …" for search.
+dead, labels "apple …" / "Apricot …" for search, click strengths ``CLICK_STRENGTHS[i % 4]``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from tests.support.tiny import TINY_D_MODEL, make_tiny_model, make_tiny_tokenize
 D_MODEL, N_FEATURES, HOOKPOINT = TINY_D_MODEL, 48, "model.layers.1"
 HTML_LABEL = '<script>alert("x")</script> & <b>bold</b>'
 HTML_FEATURE, HIDDEN_FEATURE, DEAD_FEATURE = 5, 7, 9
+CLICK_STRENGTHS = np.array([2.0, 2.8284, 4.0, 1.4142], dtype=np.float32)
+"""Planted steer_strength of feature i: CLICK_STRENGTHS[i % 4]."""
 _WORDS = [
     "apple",
     "Apricot",
@@ -61,6 +63,7 @@ def feature_tables(n: int = N_FEATURES) -> tuple[pd.DataFrame, pd.DataFrame, pd.
     labels = [f"{_WORDS[i % len(_WORDS)]} feature {i}" for i in range(n)]
     labels[HTML_FEATURE] = HTML_LABEL
     coarse_names = ["Fruit & food", "Water <places>", "Code"]
+    unprobed = (np.arange(n) == DEAD_FEATURE) | (np.arange(n) == HIDDEN_FEATURE)
     features = pd.DataFrame(
         {
             "feature": np.arange(n),
@@ -77,6 +80,12 @@ def feature_tables(n: int = N_FEATURES) -> tuple[pd.DataFrame, pd.DataFrame, pd.
             "neighbors": [[(i + 1) % n, (i + 2) % n, HIDDEN_FEATURE] for i in range(n)],
             "dead": np.arange(n) == DEAD_FEATURE,
             "hidden": np.arange(n) == HIDDEN_FEATURE,
+            # the output probe's columns; dead and hidden features are not probed
+            "steer_strength": np.where(unprobed, np.nan, CLICK_STRENGTHS[np.arange(n) % 4]),
+            "steerability": np.where(unprobed, np.nan, (np.arange(n) % 5) / 10),
+            "steer_kl": np.where(unprobed, np.nan, 1.2),
+            "output_promotes": [[] if unprobed[i] else [_WORDS[(i + 1) % len(_WORDS)], "<em>"] for i in range(n)],
+            "output_suppresses": [[] if unprobed[i] else ["never"] for i in range(n)],
             "cluster_0": [coarse_names[c] for c in coarse],
             "cluster_1": [f"{coarse_names[c]} / part {f}" for c, f in zip(coarse, fine, strict=True)],
         }

@@ -117,3 +117,28 @@ def test_missing_bundle_and_files(tmp_path):
     (out / "examples.parquet").unlink()
     with pytest.raises(BundleError, match="missing examples.parquet"):
         load_bundle(out)
+
+
+def test_bundles_built_before_the_probe_open_with_the_default_click(tmp_path):
+    """A features.parquet without the probe's columns (written by an older build) still loads: not
+    probed, no click strength, so clicks fall back to the default strength with a note."""
+    from build_map.steering.click import click_strength, is_calibrated
+    from build_map.steering.requests import DEFAULT_STRENGTH
+
+    out = _write(tmp_path / "old")
+    table = pq.read_table(out / "features.parquet")
+    probe_columns = ["steer_strength", "steerability", "steer_kl", "output_promotes", "output_suppresses"]
+    pq.write_table(table.drop_columns(probe_columns), out / "features.parquet")
+    old = load_bundle(out)
+    assert not old.probed and old.features["steer_strength"].isna().all()
+    assert old.features["output_promotes"].map(len).eq(0).all()
+    assert click_strength(old, 2) == DEFAULT_STRENGTH and not is_calibrated(old, 2)
+
+    features, _, _ = synthetic_tables()
+    features["steer_strength"] = np.float32(2.8284)
+    features["steerability"], features["steer_kl"] = 0.3, 1.1
+    features["output_promotes"] = [["music"]] * len(features)
+    features["output_suppresses"] = [["never"]] * len(features)
+    new = load_bundle(_write(tmp_path / "new", features=features))
+    assert new.probed and click_strength(new, 2) == 2.8284 and is_calibrated(new, 2)
+    assert list(new.features.at[0, "output_promotes"]) == ["music"]

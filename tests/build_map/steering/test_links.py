@@ -26,7 +26,8 @@ def test_link_round_trip(tiny_bundle):
 
 def test_explorer_deep_links_still_parse(tiny_bundle):
     recipe = recipe_from_query("?feature=12&strength=0.5&feature=40", tiny_bundle)
-    assert recipe.edits == (Edit(12, 0.5, "nudge"), Edit(40, 1.0, "nudge"))
+    # a bare feature= takes the feature's calibrated click strength (planted: 2.0 for feature 40)
+    assert recipe.edits == (Edit(12, 0.5, "nudge"), Edit(40, 2.0, "nudge"))
     assert recipe.multiplier == 1.0 and recipe.sampling == SamplingConfig()
     with pytest.raises(RecipeError, match="hidden"):
         recipe_from_query(f"feature={HIDDEN_FEATURE}", tiny_bundle)

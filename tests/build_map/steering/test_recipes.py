@@ -85,3 +85,13 @@ def test_dead_features_may_be_steered(tiny_bundle):
         load_recipe(make_recipe(tiny_bundle, [Edit(DEAD_FEATURE, 1.0)]), tiny_bundle).edits[0].feature
         == DEAD_FEATURE
     )
+
+
+def test_a_recipe_edit_without_strength_takes_the_click_strength(tiny_bundle):
+    from build_map.steering.recipes import RECIPE_FORMAT, RECIPE_VERSION, load_recipe
+    from tests.support.tiny_bundle import CLICK_STRENGTHS
+
+    edits = [{"feature": 6}, {"feature": 8, "strength": 0.5}]
+    data = {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, "edits": edits}
+    recipe = load_recipe(data, tiny_bundle)
+    assert [e.strength for e in recipe.edits] == [round(float(CLICK_STRENGTHS[6 % 4]), 4), 0.5]

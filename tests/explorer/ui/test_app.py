@@ -10,7 +10,12 @@ from build_map.steering.links import open_link
 from build_map.steering.requests import DEFAULT_STRENGTH, Edit, SteeringLimits
 from explorer.ui.app import ExplorerSession
 from explorer.ui.html import render_card, render_example
-from tests.support.tiny_bundle import DEAD_FEATURE, HIDDEN_FEATURE, HTML_FEATURE
+from tests.support.tiny_bundle import CLICK_STRENGTHS, DEAD_FEATURE, HIDDEN_FEATURE, HTML_FEATURE
+
+
+def click(feature: int) -> float:
+    """The planted click strength of a tiny-bundle feature, as the explorer reads it."""
+    return round(float(CLICK_STRENGTHS[feature % 4]), 4)
 
 
 @pytest.fixture
@@ -38,7 +43,9 @@ def test_map_click_updates_card_and_add_updates_edits(session):
     assert '<span class="fid">#3</span>' in session.card.html
     assert not session.add_button.disabled
     assert session.add_selected()
-    assert session.edits.current() == ([Edit(3, DEFAULT_STRENGTH, "nudge")], 1.0)
+    # one click steers at the feature's calibrated strength (planted: CLICK_STRENGTHS[3 % 4])
+    assert session.edits.current() == ([Edit(3, click(3), "nudge")], 1.0)
+    assert "calibrated 1.41" in session.edits.rows[0].strength.label
     assert session.add_button.disabled  # already in the edits
     assert not session.add_selected()
     # messages that are not clicks, or carry no integer id, change nothing
@@ -59,7 +66,9 @@ def test_edit_rows_strength_mode_remove_reset(session):
     first, second = session.edits.rows
     first.strength.value, second.mode.value = 2.5, "pin"
     session.edits.multiplier.value = 0.5
-    assert session.edits.current() == ([Edit(1, 2.5, "nudge"), Edit(2, DEFAULT_STRENGTH, "pin")], 0.5)
+    assert session.edits.current() == ([Edit(1, 2.5, "nudge"), Edit(2, click(2), "pin")], 0.5)
+    first.to_default.clicks += 1  # ↺: back to the calibrated click strength
+    assert first.strength.value == click(1)
     limits = session.engine.limits
     assert first.strength.fixed_end == limits.max_abs_strength
     assert second.strength.fixed_start == 0.0  # a pin cannot be negative
@@ -113,7 +122,8 @@ def test_deep_link_parsing(explorer_shared):
         },
         bundle,
     )
-    assert link.edits == [Edit(3, 0.5, "nudge"), Edit(4, -2.0, "nudge"), Edit(12, DEFAULT_STRENGTH, "pin")]
+    # a bare feature= takes the feature's calibrated click strength
+    assert link.edits == [Edit(3, 0.5, "nudge"), Edit(4, -2.0, "nudge"), Edit(12, click(12), "pin")]
     assert len(link.errors) == 1 and "twice" in link.errors[0]
     bad = open_link(
         {
