@@ -34,7 +34,7 @@ from build_map.lm.hookpoints import input_device, resolve_hookpoint
 from build_map.lm.hooks import scoped_forward_hook
 from build_map.sae.model import SparseAutoencoder
 from build_map.steering.engine import SteeringEngine
-from build_map.steering.requests import Edit
+from build_map.steering.requests import DEFAULT_SCOPE, Edit, SteeringScope
 from build_map.steering.vectors import hidden_mask
 
 
@@ -209,9 +209,18 @@ def attribute_with_engine(
     position: int = -1,
     edits: Sequence[Edit] = (),
     multiplier: float = 1.0,
+    prompt_length: int | None = None,
+    scope: SteeringScope = DEFAULT_SCOPE,
     **kwargs: Any,
 ) -> pd.DataFrame:
     """``attribute_token`` on the engine's model and SAE; with ``edits`` the steered model is
-    explained (the engine's steering hook runs before the attribution's)."""
-    with engine.steered([tuple(edits)], multiplier):
+    explained (the engine's steering hook runs before the attribution's), steered on the positions
+    ``scope`` names when ``prompt_length`` says where the prompt ends (else everywhere)."""
+    ids = torch.as_tensor(list(input_ids) if not isinstance(input_ids, torch.Tensor) else input_ids).reshape(
+        1, -1
+    )
+    prompts = (
+        None if prompt_length is None else (ids[:, :prompt_length], torch.ones_like(ids[:, :prompt_length]))
+    )
+    with engine.steered([tuple(edits)], multiplier, scope, prompts):
         return attribute_token(engine.model, engine.sae, engine.hookpoint, input_ids, position, **kwargs)

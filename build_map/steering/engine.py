@@ -35,6 +35,7 @@ from build_map.lm.hooks import install_dispatch
 from build_map.lm.tokens import chat_prompt_ids, eos_token_ids, left_pad, pad_token_id
 from build_map.sae.model import SparseAutoencoder
 from build_map.steering.requests import (
+    DEFAULT_SCOPE,
     BatchingConfig,
     Edit,
     Prompt,
@@ -42,6 +43,7 @@ from build_map.steering.requests import (
     SteeringError,
     SteeringLimits,
     SteeringRequest,
+    SteeringScope,
 )
 from build_map.steering.sampling import RowSampler
 from build_map.steering.scheduler import BatchScheduler
@@ -53,6 +55,7 @@ from build_map.steering.vectors import (
     effective_scales,
     hidden_mask,
     row_steering,
+    scope_positions,
     steer_output,
 )
 
@@ -91,6 +94,9 @@ class SteeringEngine:
         self.hidden = hidden_mask(hidden, sae.d_sae)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.pad_id = pad_token_id(tokenizer, self.eos_ids)
+        self.special_ids = sorted(
+            {int(i) for i in getattr(tokenizer, "all_special_ids", [])} | set(self.eos_ids)
+        )
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.stats = {"batches": 0, "rows": 0, "tokens": 0}  # generate calls, rows, generated tokens
         self._stats_lock = threading.Lock()
@@ -136,9 +142,10 @@ class SteeringEngine:
         edits: Sequence[Edit] = (),
         sampling: SamplingConfig | None = None,
         multiplier: float = 1.0,
+        scope: SteeringScope = DEFAULT_SCOPE,
     ) -> TextStream:
         """Stream the steered reply; iterating yields text pieces."""
-        request = SteeringRequest(prompt, tuple(edits), sampling or SamplingConfig(), multiplier)
+        request = SteeringRequest(prompt, tuple(edits), sampling or SamplingConfig(), multiplier, scope=scope)
         return self._submit(request, TextStream)
 
     def stream_pair(
@@ -147,10 +154,13 @@ class SteeringEngine:
         edits: Sequence[Edit],
         sampling: SamplingConfig | None = None,
         multiplier: float = 1.0,
+        scope: SteeringScope = DEFAULT_SCOPE,
     ) -> GenerationStream:
         """Default (row 0) and steered (row 1) replies in one batch with the same noise; yields
         (row, piece). With no edits only row 0 is generated (the steered reply equals it)."""
-        request = SteeringRequest(prompt, tuple(edits), sampling or SamplingConfig(), multiplier, pair=True)
+        request = SteeringRequest(
+            prompt, tuple(edits), sampling or SamplingConfig(), multiplier, pair=True, scope=scope
+        )
         return self.submit(request)
 
     def generate(
@@ -160,23 +170,39 @@ class SteeringEngine:
         sampling: SamplingConfig | None = None,
         multiplier: float = 1.0,
         timeout: float | None = None,
+        scope: SteeringScope = DEFAULT_SCOPE,
     ) -> str:
         """The steered reply as one string (the concatenation of what ``stream`` yields)."""
-        return self.stream(prompt, edits, sampling, multiplier).result(timeout)[0]
+        return self.stream(prompt, edits, sampling, multiplier, scope).result(timeout)[0]
 
     @contextlib.contextmanager
-    def steered(self, rows: Sequence[Sequence[Edit]], multiplier: float = 1.0) -> Iterator[None]:
-        """Steer plain forward calls in this thread: ``rows[b]`` are the edits of batch row b."""
+    def steered(
+        self,
+        rows: Sequence[Sequence[Edit]],
+        multiplier: float = 1.0,
+        scope: SteeringScope = DEFAULT_SCOPE,
+        prompts: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Iterator[None]:
+        """Steer plain forward calls in this thread: ``rows[b]`` are the edits of batch row b.
+        ``prompts``: the left-padded prompt ids and mask (``left_pad``) that the passes start with,
+        for ``scope`` to leave their positions unsteered; without them every position is steered."""
         for edits in rows:
             self.check_edits(edits, multiplier)
+        positions = None if prompts is None else self.scope_positions(*prompts, [scope] * len(rows))
         steering = BatchSteering.build(
-            [self.row_steering(edits, multiplier) for edits in rows], self._device, hidden_dtype(self.model)
-        )
+            [self.row_steering(edits, multiplier) for edits in rows], self._device, hidden_dtype(self.model),
+            positions,
+        )  # fmt: skip
         token = self._active.set(steering)
         try:
             yield
         finally:
             self._active.reset(token)
+
+    def scope_positions(
+        self, padded_ids: torch.Tensor, mask: torch.Tensor, scopes: Sequence[SteeringScope]
+    ) -> torch.Tensor | None:
+        return scope_positions(padded_ids, mask, scopes, self.special_ids)
 
     def row_steering(self, edits: Sequence[Edit], multiplier: float = 1.0) -> RowSteering:
         """Precompute one row's nudge vector and pin solve (edits must be valid)."""
@@ -282,7 +308,10 @@ class SteeringEngine:
         ]
         ids, mask = left_pad([row.prompt_ids for row in rows], self.pad_id)
         input_ids, attention_mask = ids.to(input_device(self.model)), mask.to(input_device(self.model))
-        steering = BatchSteering.build([row.steering for row in rows], self._device, hidden_dtype(self.model))
+        positions = self.scope_positions(ids, mask, [row.job.request.scope for row in rows])
+        steering = BatchSteering.build(
+            [row.steering for row in rows], self._device, hidden_dtype(self.model), positions
+        )
         config = GenerationConfig(
             max_new_tokens=max(row.sampling.max_new_tokens for row in rows),
             do_sample=False,  # RowSampler does the sampling, seeded per row

@@ -86,6 +86,23 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True)
+class SteeringScope:
+    """Which positions of the hookpoint a request's edits act on. Decoding steps (the reply) are
+    always steered, and so is the last prompt token, which writes the first reply token."""
+
+    prompt: bool = False
+    """Also steer the rest of the prompt (the conversation so far). Off by default: steering only
+    the positions that write the reply gave the better effect at the same coherence on the demo
+    (docs/ARCHITECTURE.md, "Steering scope")."""
+    special_tokens: bool = False
+    """Also steer the chat template's special tokens (BOS, <|im_start|>, …) when the prompt is
+    steered; off as in Neuronpedia (``steer_special_tokens``)."""
+
+
+DEFAULT_SCOPE = SteeringScope()
+
+
+@dataclass(frozen=True)
 class SteeringRequest:
     prompt: Prompt
     """Chat messages (rendered with the chat template), a user message as str, or token ids."""
@@ -97,6 +114,8 @@ class SteeringRequest:
     """Global multiplier on all strengths."""
     pair: bool = False
     """Also generate the unsteered reply as row 0 (steered is row 1) with the same noise."""
+    scope: SteeringScope = DEFAULT_SCOPE
+    """Which positions the edits act on."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "edits", tuple(self.edits))

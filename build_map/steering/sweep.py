@@ -40,7 +40,7 @@ from build_map.lm.hookpoints import input_device
 from build_map.lm.tokens import left_pad
 from build_map.steering.engine import SteeringEngine
 from build_map.steering.recipes import Recipe
-from build_map.steering.requests import Edit, Prompt, SamplingConfig
+from build_map.steering.requests import DEFAULT_SCOPE, Edit, Prompt, SamplingConfig, SteeringScope
 from build_map.steering.streaming import StepStreamer
 from build_map.steering.sweep_window import SweepError
 from build_map.steering.validation import feature_id
@@ -67,6 +67,7 @@ def sweep(
     mode: str = "nudge",
     batch_rows: int | None = None,
     progress: bool = False,
+    scope: SteeringScope = DEFAULT_SCOPE,
 ) -> pd.DataFrame:
     """One row per (strength, prompt): reply, effect, coherence, perplexity, repetition, n_tokens.
 
@@ -84,7 +85,7 @@ def sweep(
     row_edits = [_scaled(edits, base * s) for s, _ in rows]
     torch.manual_seed(seed)
     replies, finishes = generate_rows(
-        engine, [prompt_ids[p] for _, p in rows], row_edits, max_new_tokens, batch_rows, progress
+        engine, [prompt_ids[p] for _, p in rows], row_edits, max_new_tokens, batch_rows, progress, scope
     )
     features = [e.feature for e in edits]
     effects, coherence = reread(engine, [prompt_ids[p] for _, p in rows], replies, features)
@@ -110,6 +111,7 @@ def sweep(
         "max_new_tokens": max_new_tokens,
         "seed": seed,
         "hookpoint": engine.hookpoint,
+        "scope": asdict(scope),
     }
     return frame
 
@@ -159,15 +161,16 @@ def generate_rows(
     max_new_tokens: int,
     batch_rows: int | None = None,
     progress: bool = False,
+    scope: SteeringScope = DEFAULT_SCOPE,
 ) -> tuple[list[list[int]], list[str]]:
     """Greedy replies (token ids, end of turn excluded) and finish reasons ("eos" / "length"), each
-    row steered with its own edits through the engine's hook."""
+    row steered with its own edits through the engine's hook, on the positions ``scope`` names."""
     size = batch_rows or len(prompt_ids)
     replies: list[list[int]] = []
     finishes: list[str] = []
     for start in range(0, len(prompt_ids), size):
         chunk = slice(start, start + size)
-        new = _generate_chunk(engine, prompt_ids[chunk], row_edits[chunk], max_new_tokens, progress)
+        new = _generate_chunk(engine, prompt_ids[chunk], row_edits[chunk], max_new_tokens, progress, scope)
         for tokens in new:
             end = next((i for i, t in enumerate(tokens) if t in engine.eos_ids), None)
             replies.append(tokens if end is None else tokens[:end])
@@ -181,6 +184,7 @@ def _generate_chunk(
     row_edits: Sequence[Sequence[Edit]],
     max_new_tokens: int,
     progress: bool,
+    scope: SteeringScope,
 ) -> list[list[int]]:
     from transformers import GenerationConfig
 
@@ -193,7 +197,7 @@ def _generate_chunk(
     )  # fmt: skip
     streamer = _StepProgress(max_new_tokens, f"sweep: {len(prompt_ids)} rows") if progress else None
     try:
-        with engine.steered(row_edits), torch.inference_mode():
+        with engine.steered(row_edits, scope=scope, prompts=(ids, mask)), torch.inference_mode():
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                 streamer=streamer,

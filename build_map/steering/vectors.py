@@ -31,7 +31,7 @@ import torch
 
 from build_map.lm.capture import hidden_of, with_hidden
 from build_map.sae.model import SparseAutoencoder
-from build_map.steering.requests import Edit, SteeringError
+from build_map.steering.requests import Edit, SteeringError, SteeringScope
 
 
 @dataclass
@@ -65,14 +65,28 @@ class BatchSteering:
     pin_value: torch.Tensor | None  # (B, 1, P)
     pin_threshold: torch.Tensor | None  # (B, 1, P)
     pin_dec: torch.Tensor | None  # (B, P, d_in)
+    positions: torch.Tensor | None = None
+    """(B, W) bool: which of the first W columns of a full pass (the left-padded prompts) are
+    steered; columns past W and decoding steps always are. None: every position."""
 
     @classmethod
     def build(
-        cls, rows: Sequence[RowSteering], device: torch.device, dtype: torch.dtype
+        cls,
+        rows: Sequence[RowSteering],
+        device: torch.device,
+        dtype: torch.dtype,
+        positions: torch.Tensor | None = None,
     ) -> BatchSteering | None:
-        """Stack per-row specs; None when no row is steered (the hook then does nothing)."""
+        """Stack per-row specs; None when no row is steered (the hook then does nothing).
+        ``positions``: see the field (``scope_positions`` makes it)."""
         if all(row.is_empty for row in rows):
             return None
+        steering = cls._stack(rows, device, dtype)
+        steering.positions = positions
+        return steering
+
+    @classmethod
+    def _stack(cls, rows: Sequence[RowSteering], device: torch.device, dtype: torch.dtype) -> BatchSteering:
         d_in = next(_row_width(row) for row in rows if not row.is_empty)
         nudge = None
         if any(row.nudge is not None for row in rows):
@@ -105,6 +119,15 @@ class BatchSteering:
             raise RuntimeError(
                 f"steering was prepared for {self.rows} rows but the hookpoint saw a batch of {hidden.shape[0]}"
             )
+        steered = self._steer(hidden)
+        if self.positions is None or hidden.shape[1] == 1:  # a decoding step writes the reply
+            return steered
+        width = min(hidden.shape[1], self.positions.shape[1])
+        keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        keep[:, :width] = self.positions[:, :width].to(hidden.device)
+        return torch.where(keep[..., None], steered, hidden)
+
+    def _steer(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.nudge is not None:
             if self.nudge.device != hidden.device:
                 self.nudge = self.nudge.to(hidden.device)
@@ -123,6 +146,25 @@ class BatchSteering:
             return
         for name in ("pin_enc", "pin_bias", "pin_value", "pin_threshold", "pin_dec"):
             setattr(self, name, getattr(self, name).to(device))
+
+
+def scope_positions(
+    padded_ids: torch.Tensor, mask: torch.Tensor, scopes: Sequence[SteeringScope], special_ids: Sequence[int]
+) -> torch.Tensor | None:
+    """(B, W) bool of the prompt columns each row's scope steers, for left-padded prompts
+    (``padded_ids``, ``mask`` as ``left_pad`` makes them); None when every row steers everything.
+    The last column (the token that writes the first reply token) is always steered."""
+    if all(scope.prompt and scope.special_tokens for scope in scopes):
+        return None
+    special = torch.isin(padded_ids, torch.as_tensor(list(special_ids), dtype=padded_ids.dtype))
+    rows = []
+    for r, scope in enumerate(scopes):
+        row = mask[r].bool() & (torch.ones_like(special[r]) if scope.prompt else torch.zeros_like(special[r]))
+        if not scope.special_tokens:
+            row &= ~special[r]
+        row[-1] = True
+        rows.append(row)
+    return torch.stack(rows)
 
 
 def _row_width(row: RowSteering) -> int:

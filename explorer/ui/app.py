@@ -105,7 +105,7 @@ class ExplorerSession:
             shared.reply_features,
             on_reply_features=lambda features: self.map.highlight("reply", features),
             on_turn_done=lambda column, edits, multiplier: self.attribution.show_reply(
-                column.messages, column.text, edits, multiplier
+                column.messages, column.text, edits, multiplier, self.chat.scope()
             ),
         )
         self.recipes = RecipePanel(

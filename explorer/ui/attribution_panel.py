@@ -14,7 +14,7 @@ import param
 from build_map.bundle.read import Bundle
 from build_map.steering.attribution import ReplyTokens, attribute_with_engine, reply_tokens
 from build_map.steering.engine import SteeringEngine
-from build_map.steering.requests import Edit
+from build_map.steering.requests import DEFAULT_SCOPE, Edit, SteeringScope
 from explorer.ui.background import HEAVY_WORK, Background
 from explorer.ui.components import LinkedHTML, TokenPicker, set_or_trigger
 from explorer.ui.html import CSS, muted, notice, render_chips, render_tokens, show_token
@@ -34,6 +34,7 @@ class AttributionPanel(param.Parameterized):
         super().__init__(**params)
         self.bundle, self.engine, self.highlight = bundle, engine, highlight
         self.background = Background("explorer-attribution")
+        self.scope = DEFAULT_SCOPE
         # Hidden features are never shown; dead ones cannot explain anything.
         self.excluded = bundle.features["hidden"].to_numpy(bool) | bundle.features["dead"].to_numpy(bool)
         self.tokens = TokenPicker(html="", sizing_mode="stretch_width")
@@ -51,9 +52,16 @@ class AttributionPanel(param.Parameterized):
         return pn.Column(self.status, self.tokens, self.chips, sizing_mode="stretch_width", margin=0)
 
     def show_reply(
-        self, messages: list[dict], text: str, edits: Sequence[Edit] = (), multiplier: float = 1.0
+        self,
+        messages: list[dict],
+        text: str,
+        edits: Sequence[Edit] = (),
+        multiplier: float = 1.0,
+        scope: SteeringScope = DEFAULT_SCOPE,
     ) -> None:
-        """Show a finished reply's tokens for attribution (``edits``: the steering it was made with)."""
+        """Show a finished reply's tokens for attribution (``edits``, ``scope``: the steering it
+        was made with)."""
+        self.scope = scope
         if not text.strip():
             self.tokens.html = ""
             self._reply = None
@@ -92,6 +100,7 @@ class AttributionPanel(param.Parameterized):
         try:
             with HEAVY_WORK:
                 frame = attribute_with_engine(self.engine, tokens.ids, position, edits, multiplier,
+                                              prompt_length=tokens.start, scope=self.scope,
                                               top_k=N_ATTRIBUTION, hidden=self.excluded)  # fmt: skip
         except Exception as exc:
             logger.exception("Attribution failed")

@@ -28,7 +28,14 @@ import param
 from build_map.bundle.read import Bundle
 from build_map.steering.engine import SteeringEngine
 from build_map.steering.reply_features import ReplyFeatures
-from build_map.steering.requests import Edit, SamplingConfig, SteeringError, SteeringRequest
+from build_map.steering.requests import (
+    DEFAULT_SCOPE,
+    Edit,
+    SamplingConfig,
+    SteeringError,
+    SteeringRequest,
+    SteeringScope,
+)
 from build_map.steering.streaming import GenerationStream
 from explorer.ui.background import Background
 from explorer.ui.components import LinkedHTML, set_or_trigger
@@ -129,6 +136,14 @@ class ChatPanel(param.Parameterized):
             width=110,
         )
         self.seed = pn.widgets.IntInput(label="Seed", start=0, value=DEFAULT_SEED, width=90)
+        self.steer_prompt = pn.widgets.Checkbox(
+            name="steer the prompt too", value=DEFAULT_SCOPE.prompt,
+            description="Off: the edits act on the positions that write the reply. On: on the conversation too.",
+        )  # fmt: skip
+        self.steer_special = pn.widgets.Checkbox(
+            name="steer special tokens", value=DEFAULT_SCOPE.special_tokens,
+            description="Also steer the chat template's special tokens when the prompt is steered.",
+        )  # fmt: skip
         # Enter sends (Shift+Enter: new line); the typed text is in value_input until then.
         self.input = pn.chat.ChatAreaInput(
             placeholder="Message the model…  (Enter sends, Shift+Enter: new line)",
@@ -152,6 +167,7 @@ class ChatPanel(param.Parameterized):
 
     def view(self) -> pn.Column:
         controls = pn.Row(self.temperature, self.max_new_tokens, self.seed, sizing_mode="stretch_width")
+        scope = pn.Row(self.steer_prompt, self.steer_special, sizing_mode="stretch_width")
         buttons = pn.Row(
             self.send_button,
             self.stop_button,
@@ -164,6 +180,7 @@ class ChatPanel(param.Parameterized):
             self.input,
             buttons,
             controls,
+            scope,
             sizing_mode="stretch_both",
             min_height=320,
         )
@@ -175,6 +192,11 @@ class ChatPanel(param.Parameterized):
             temperature=float(self.temperature.value),
             max_new_tokens=int(self.max_new_tokens.value or DEFAULT_MAX_NEW_TOKENS),
             seed=int(self.seed.value) if self.seed.value is not None else None,
+        )
+
+    def scope(self) -> SteeringScope:
+        return SteeringScope(
+            prompt=bool(self.steer_prompt.value), special_tokens=bool(self.steer_special.value)
         )
 
     def send(self, text: str | None = None) -> list[ReplyColumn]:
@@ -231,7 +253,7 @@ class ChatPanel(param.Parameterized):
     def _submit(
         self, columns: list[ReplyColumn], edits: list[Edit], multiplier: float
     ) -> list[tuple[GenerationStream, dict[int, ReplyColumn]]]:
-        sampling = self.sampling()
+        sampling, scope = self.sampling(), self.scope()
         if len(columns) == 1:
             return [(self.engine.submit(SteeringRequest(columns[0].messages, (), sampling)), {0: columns[0]})]
         default, steered = columns
@@ -239,12 +261,14 @@ class ChatPanel(param.Parameterized):
         for column, column_edits in ((default, []), (steered, edits)):
             self.engine.validate(column_edits, self.engine.prompt_ids(column.messages), sampling, multiplier)
         if default.messages == steered.messages:  # one batch, same noise, one request
-            stream = self.engine.stream_pair(steered.messages, edits, sampling, multiplier)
+            stream = self.engine.stream_pair(steered.messages, edits, sampling, multiplier, scope)
             return [(stream, {0: default, 1: steered})]
         return [
             (self.engine.submit(SteeringRequest(default.messages, (), sampling)), {0: default}),
             (
-                self.engine.submit(SteeringRequest(steered.messages, tuple(edits), sampling, multiplier)),
+                self.engine.submit(
+                    SteeringRequest(steered.messages, tuple(edits), sampling, multiplier, scope=scope)
+                ),
                 {0: steered},
             ),
         ]

@@ -84,7 +84,9 @@ def feature_tables(n: int = N_FEATURES) -> tuple[pd.DataFrame, pd.DataFrame, pd.
             "steer_strength": np.where(unprobed, np.nan, CLICK_STRENGTHS[np.arange(n) % 4]),
             "steerability": np.where(unprobed, np.nan, (np.arange(n) % 5) / 10),
             "steer_kl": np.where(unprobed, np.nan, 1.2),
-            "output_promotes": [[] if unprobed[i] else [_WORDS[(i + 1) % len(_WORDS)], "<em>"] for i in range(n)],
+            "output_promotes": [
+                [] if unprobed[i] else [_WORDS[(i + 1) % len(_WORDS)], "<em>"] for i in range(n)
+            ],
             "output_suppresses": [[] if unprobed[i] else ["never"] for i in range(n)],
             "cluster_0": [coarse_names[c] for c in coarse],
             "cluster_1": [f"{coarse_names[c]} / part {f}" for c, f in zip(coarse, fine, strict=True)],

@@ -18,6 +18,7 @@ from build_map.steering.requests import (
     SamplingConfig,
     SteeringError,
     SteeringRequest,
+    SteeringScope,
     StreamTimeout,
 )
 from build_map.steering.streaming import GenerationStream
@@ -379,3 +380,41 @@ def test_close_finishes_running_requests_then_refuses(model, tokenizer, sae, sca
     assert stream.result() == [engine.generate(MESSAGES, edits, GREEDY)]
     with pytest.raises(SteeringError, match="closed"):
         closing.stream(MESSAGES, edits, GREEDY)
+
+
+# ---------------------------------------------------------------- scope
+
+
+@pytest.mark.parametrize(
+    ("scope", "steered_prompt"),
+    [
+        (SteeringScope(), "last"),  # the default: only the position that writes the first reply token
+        (SteeringScope(prompt=True), "plain"),  # the prompt too, but not the template's special tokens
+        (SteeringScope(prompt=True, special_tokens=True), "all"),
+    ],
+)
+def test_scope_decides_which_prompt_positions_are_steered(engine, model, scope, steered_prompt):
+    ids = _ids(engine)
+    special = torch.isin(ids[0], torch.tensor(engine.special_ids))
+    assert special.any() and not special[-1]  # the chat template put <|im_start|> etc. in the prompt
+    seen, handle = _capture(model.model.layers[1])
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids)
+            with engine.steered([[Edit(3, 2.0)]], scope=scope, prompts=(ids, torch.ones_like(ids))):
+                model(input_ids=ids)
+    finally:
+        handle.remove()
+    changed = (seen[1] - seen[0]).abs().amax(-1)[0] > 1e-6
+    expected = {
+        "last": torch.arange(ids.shape[1]) == ids.shape[1] - 1,
+        "plain": ~special,
+        "all": torch.ones_like(special),
+    }[steered_prompt]
+    assert changed.tolist() == expected.tolist()
+
+
+def test_decoding_steps_are_steered_whatever_the_scope(engine, tokenizer):
+    """Reply-only steering still changes the reply: the reply's positions are always steered."""
+    plain = engine.generate(MESSAGES, [], GREEDY)
+    assert engine.generate(MESSAGES, [Edit(3, 8.0)], GREEDY, scope=SteeringScope()) != plain

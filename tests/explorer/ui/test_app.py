@@ -7,7 +7,7 @@ import time
 import pytest
 
 from build_map.steering.links import open_link
-from build_map.steering.requests import DEFAULT_STRENGTH, Edit, SteeringLimits
+from build_map.steering.requests import Edit, SteeringLimits
 from explorer.ui.app import ExplorerSession
 from explorer.ui.html import render_card, render_example
 from tests.support.tiny_bundle import CLICK_STRENGTHS, DEAD_FEATURE, HIDDEN_FEATURE, HTML_FEATURE
