@@ -6,17 +6,26 @@
 //                 {type: 'map-ready'}                              once points and metadata are loaded
 // Parent -> map:  {type: 'highlight', features: [ids], id?: name}  select these features as the
 //                                                                  named set `name` ([] clears it)
-//                 {type: 'focus', feature: id}                     fly to that feature, highlight it
-// Named sets are shown together (their union). Messages that arrive before the data has loaded
-// are queued and applied in order. The page is also usable standalone: window.saeMap exposes the
+//                 {type: 'focus', feature: id}                     fly to that feature, ring it
+// Named sets are drawn together, as larger dots with a white edge over the map (each set in its own
+// colour), and the focused feature gets a dark ring. Nothing else fades: the selected point keeps
+// its neighbourhood in view. Messages that arrive before the data has loaded are queued and
+// applied in order. The page is also usable standalone: window.saeMap exposes the
 // same operations, and a click also fires a `sae-feature-click` event on window.
 (() => {
   const LABEL_FONT = '600 16px "Roboto"';
   // Sans-serif fallbacks for characters outside the embedded Roboto subsets.
   const LABEL_FONT_STACK = '"Roboto", "Helvetica Neue", Arial, sans-serif';
-  const SELECTION_ID = 'sae-parent';
+  const MARK_LAYER = 'sae-marks';
+  const RING_LAYER = 'sae-focus-ring';
   const FOCUS_SET = 'focus';
-  const FOCUS_MIN_ZOOM_STEP = 3; // zoom levels past the initial view when flying to a point
+  const FOCUS_MIN_ZOOM_STEP = 1.5; // zoom levels past the initial view: close, with the neighbours
+  const SET_COLOURS = {
+    search: [255, 120, 0],
+    reply: [130, 80, 223],
+    attribution: [31, 136, 61],
+  };
+  const DEFAULT_COLOUR = [255, 120, 0];
 
   const namedSets = new Map(); // set name -> array of row indices
   const queue = [];
@@ -60,11 +69,63 @@
     return rows;
   }
 
+  // Marks and the ring are deck.gl layers of their own, kept in datamap.layers so that DataMapPlot's
+  // own updates (colour by, search) redraw them too.
   function showNamedSets() {
-    const union = new Set();
-    for (const rows of namedSets.values()) for (const row of rows) union.add(row);
-    if (union.size === 0) datamap.removeSelection(SELECTION_ID);
-    else datamap.addSelection([...union], SELECTION_ID);
+    const x = datamap.pointData.x;
+    const y = datamap.pointData.y;
+    const marks = new Map(); // row -> colour (a row in several sets takes the first set's colour)
+    for (const [name, rows] of namedSets) {
+      if (name === FOCUS_SET) continue;
+      const colour = SET_COLOURS[name] || DEFAULT_COLOUR;
+      for (const row of rows) if (!marks.has(row)) marks.set(row, colour);
+    }
+    const ring = namedSets.get(FOCUS_SET) || [];
+    const layers = datamap.layers.filter((layer) => layer.id !== MARK_LAYER && layer.id !== RING_LAYER);
+    if (marks.size) {
+      layers.push(
+        new deck.ScatterplotLayer({
+          id: MARK_LAYER,
+          data: [...marks].map(([row, colour]) => ({ position: [x[row], y[row]], colour: colour, row: row })),
+          getPosition: (d) => d.position,
+          getFillColor: (d) => d.colour,
+          getLineColor: [255, 255, 255, 255],
+          getRadius: 1,
+          radiusUnits: 'pixels',
+          radiusMinPixels: 5.5,
+          stroked: true,
+          lineWidthUnits: 'pixels',
+          getLineWidth: 1.5,
+          pickable: false,
+        }),
+      );
+    }
+    if (ring.length) {
+      layers.push(
+        new deck.ScatterplotLayer({
+          id: RING_LAYER,
+          data: ring.map((row) => ({ position: [x[row], y[row]], row: row })),
+          getPosition: (d) => d.position,
+          getRadius: 1,
+          radiusUnits: 'pixels',
+          radiusMinPixels: 11,
+          filled: false,
+          stroked: true,
+          getLineColor: [20, 20, 20, 255],
+          lineWidthUnits: 'pixels',
+          getLineWidth: 3,
+          pickable: false,
+        }),
+      );
+    }
+    datamap.layers = layers;
+    datamap.deckgl.setProps({ layers: [...layers] });
+  }
+
+  function markedRows(which) {
+    const rows = new Set();
+    for (const [name, members] of namedSets) if (which(name)) for (const row of members) rows.add(row);
+    return [...rows].sort((a, b) => a - b);
   }
 
   function setNamedSet(name, rows) {
@@ -258,6 +319,9 @@
     pointClicked: pointClicked,
     rowOf: (feature) => (rowOfFeature ? rowOfFeature.get(Number(feature)) : undefined),
     highlight: (features, id) => ready.then(() => highlight({ features: features, id: id })),
+    // Rows drawn as marks (every named set but the focus) and rows ringed as the focus, sorted.
+    marked: () => markedRows((name) => name !== FOCUS_SET),
+    ringed: () => markedRows((name) => name === FOCUS_SET),
     focus: (feature) => ready.then(() => focus({ feature: feature })),
   };
 })();

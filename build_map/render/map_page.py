@@ -127,7 +127,8 @@ def _hover_columns(features: pd.DataFrame, levels: list[np.ndarray], max_tokens:
 
 
 def _colormaps(features: pd.DataFrame) -> tuple[list[np.ndarray], list[dict]]:
-    """Colour-by options beyond clusters: log10 density (densities span decades) and max act."""
+    """Colour-by options beyond clusters: steerability (when the output probe ran: where the
+    features that steer are), log10 density (densities span decades) and max act."""
     density = features["density"].astype(float).to_numpy()
     log_density = np.log10(np.clip(np.nan_to_num(density, nan=0.0), 1e-8, None))
     max_act = np.nan_to_num(features["max_act"].astype(float).to_numpy(), nan=0.0)
@@ -141,6 +142,18 @@ def _colormaps(features: pd.DataFrame) -> tuple[list[np.ndarray], list[dict]]:
         },
         {"field": "max_act", "description": "Max activation", "cmap": "magma", "kind": "continuous"},
     ]
+    if "steerability" in features and features["steerability"].notna().any():
+        steerability = np.nan_to_num(features["steerability"].astype(float).to_numpy(), nan=0.0)
+        rawdata.insert(0, steerability)
+        metadata.insert(
+            0,
+            {
+                "field": "steerability",
+                "description": "Steerability (share of next-token probability one click moves onto the feature's words)",
+                "cmap": "viridis",
+                "kind": "continuous",
+            },
+        )
     return rawdata, metadata
 
 

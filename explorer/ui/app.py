@@ -31,7 +31,7 @@ from explorer.ui.attribution_panel import AttributionPanel
 from explorer.ui.chat import ChatPanel
 from explorer.ui.components import LinkedHTML, MapView
 from explorer.ui.edits import EditsPanel
-from explorer.ui.html import CSS, esc, feature_link, feature_name, render_card
+from explorer.ui.html import CSS, SORTS, esc, feature_link, feature_name, render_card, sort_features
 from explorer.ui.recipe_panel import RecipePanel, Settings
 from explorer.ui.sweep_panel import SweepPanel
 
@@ -67,12 +67,12 @@ class SharedState:
     title: str = "SAE feature explorer"
 
 
-def _search_html(bundle: Bundle, query: str, matches: list[int]) -> str:
+def _search_html(bundle: Bundle, query: str, matches: list[int], by: str = "relevance") -> str:
     if not query.strip():
         return ""
     if not matches:
         return f'<p class="muted">No label contains “{esc(query.strip())}”.</p>'
-    shown = "".join(feature_link(bundle, f) for f in matches[:N_SEARCH_RESULTS])
+    shown = "".join(feature_link(bundle, f) for f in sort_features(bundle, matches, by)[:N_SEARCH_RESULTS])
     more = (
         f'<p class="muted">… and {len(matches) - N_SEARCH_RESULTS} more (lit on the map)</p>'
         if len(matches) > N_SEARCH_RESULTS
@@ -96,6 +96,10 @@ class ExplorerSession:
         self.add_hint = pn.pane.HTML("", stylesheets=[CSS], sizing_mode="stretch_width", margin=(8, 5))
         self.search = pn.widgets.TextInput(placeholder="Search feature labels…", sizing_mode="stretch_width")
         self.search_results = LinkedHTML(html="", sizing_mode="stretch_width")
+        self.sort_by = pn.widgets.RadioButtonGroup(
+            options=list(SORTS), value="steerability" if self.bundle.probed else "relevance",
+            color="light", description="Order of search results and of a reply's features",
+        )  # fmt: skip
         self.edits = EditsPanel(self.bundle, self.engine.limits)
         self.attribution = AttributionPanel(self.bundle, self.engine, self.map.highlight)
         self.chat = ChatPanel(
@@ -103,6 +107,7 @@ class ExplorerSession:
             self.bundle,
             self.edits.current,
             shared.reply_features,
+            sort_by=lambda: self.sort_by.value,
             on_reply_features=lambda features: self.map.highlight("reply", features),
             on_turn_done=lambda column, edits, multiplier: self.attribution.show_reply(
                 column.messages, column.text, edits, multiplier, self.chat.scope()
@@ -124,6 +129,7 @@ class ExplorerSession:
             source.param.watch(lambda event: self.select(event.new, focus=True), "clicked")
         self.add_button.on_click(lambda event: self.add_selected())
         self.search.param.watch(lambda event: self.run_search(event.new), "value_input")
+        self.sort_by.param.watch(lambda event: self.run_search(self.search.value_input), "value")
         self.edits.param.watch(lambda event: self._update_add_button(), "count")
         self.chat.clear_button.on_click(lambda event: self.attribution.clear())
 
@@ -156,7 +162,7 @@ class ExplorerSession:
 
     def run_search(self, query: str) -> list[int]:
         matches = self.bundle.search_labels(query or "")
-        self.search_results.html = _search_html(self.bundle, query or "", matches)
+        self.search_results.html = _search_html(self.bundle, query or "", matches, self.sort_by.value)
         self.map.highlight("search", matches[:MAX_SEARCH_HIGHLIGHT])
         return matches
 
@@ -258,6 +264,11 @@ class ExplorerSession:
         return pn.Column(
             self._header(),
             self.search,
+            pn.Row(
+                pn.pane.HTML('<span class="muted">sort by</span>', stylesheets=[CSS], margin=(8, 5)),
+                self.sort_by,
+                sizing_mode="stretch_width",
+            ),  # fmt: skip
             self.search_results,
             self.notice,
             pn.Row(self.add_button, self.add_hint, sizing_mode="stretch_width"),

@@ -101,6 +101,7 @@ class ChatPanel(param.Parameterized):
         reply_features: ReplyFeatures | None = None,
         on_reply_features: Callable[[list[int]], None] | None = None,
         on_turn_done: Callable[[ReplyColumn, list[Edit], float], None] | None = None,
+        sort_by: Callable[[], str] = lambda: "relevance",
         **params,
     ):
         super().__init__(**params)
@@ -109,6 +110,7 @@ class ChatPanel(param.Parameterized):
         self.reply_features = reply_features
         self.on_reply_features = on_reply_features
         self.on_turn_done = on_turn_done  # (last column, its edits, multiplier) after a turn ends
+        self.sort_by = sort_by  # the order of the reply-feature chips (explorer.ui.html.SORTS)
         self.last_edits: tuple[list[Edit], float] = ([], 1.0)
         self.history_default: list[dict] = []
         self.history_steered: list[dict] = []
@@ -137,12 +139,10 @@ class ChatPanel(param.Parameterized):
         )
         self.seed = pn.widgets.IntInput(label="Seed", start=0, value=DEFAULT_SEED, width=90)
         self.steer_prompt = pn.widgets.Checkbox(
-            name="steer the prompt too", value=DEFAULT_SCOPE.prompt,
-            description="Off: the edits act on the positions that write the reply. On: on the conversation too.",
+            label="steer the prompt too", value=DEFAULT_SCOPE.prompt,
         )  # fmt: skip
         self.steer_special = pn.widgets.Checkbox(
-            name="steer special tokens", value=DEFAULT_SCOPE.special_tokens,
-            description="Also steer the chat template's special tokens when the prompt is steered.",
+            label="steer special tokens", value=DEFAULT_SCOPE.special_tokens,
         )  # fmt: skip
         # Enter sends (Shift+Enter: new line); the typed text is in value_input until then.
         self.input = pn.chat.ChatAreaInput(
@@ -328,7 +328,7 @@ class ChatPanel(param.Parameterized):
                 logger.exception("Could not read the features of a reply")
                 self.background.call(self._show_error, column, f"Could not read the reply's features: {exc}")
                 continue
-            chips = render_chips(self.bundle, column.features, "Most active on this reply")
+            chips = render_chips(self.bundle, column.features, "Most active on this reply", self.sort_by())
             self.background.call(setattr, column.chips, "html", chips)
 
     # ------------------------------------------------------------ UI updates (session thread)

@@ -193,14 +193,42 @@ def _steering_html(bundle: Bundle, feature: int, row: pd.Series) -> str:
     return f"{head}{output}<details><summary>direct logit lens</summary>{lens}</details>"
 
 
-def render_chips(bundle: Bundle, scored: Sequence[tuple[int, float]], title: str = "Active features") -> str:
-    """Feature chips (click to select) with a score each, e.g. the features most active on a reply."""
+SORTS = ("relevance", "steerability")
+"""How lists of features (search results, features of a reply) are ordered."""
+
+
+def sort_features(bundle: Bundle, features: Sequence[int], by: str) -> list[int]:
+    """``features`` in their own order ("relevance"), or most steerable first (not probed last)."""
+    if by != "steerability" or "steerability" not in bundle.features:
+        return list(features)
+    steerability = bundle.features["steerability"].to_numpy(dtype=float)
+    return sorted(features, key=lambda f: -np.nan_to_num(steerability[int(f)], nan=-1.0))
+
+
+def render_chips(
+    bundle: Bundle, scored: Sequence[tuple[int, float]], title: str = "Active features", by: str = "relevance"
+) -> str:
+    """Feature chips (click to select) with a score each, e.g. the features most active on a reply;
+    ``by``: see ``sort_features``."""
     if not scored:
         return ""
+    score_of = dict(scored)
+    order = sort_features(bundle, [f for f, _ in scored], by)
     chips = "".join(
-        feature_link(bundle, f, "chip", f' <span class="score">{score:.2g}</span>') for f, score in scored
+        feature_link(
+            bundle, f, "chip", f' <span class="score">{score_of[f]:.2g}</span>{_steer_mark(bundle, f, by)}'
+        )
+        for f in order
     )
     return f'<div class="chips"><span class="chips-title">{esc(title)}</span>{chips}</div>'
+
+
+def _steer_mark(bundle: Bundle, feature: int, by: str) -> str:
+    if by != "steerability" or not is_calibrated(bundle, feature):
+        return ""
+    return (
+        f' <span class="steer-mark">s {float(bundle.features["steerability"].iat[int(feature)]):.2f}</span>'
+    )
 
 
 def render_tokens(pieces: Sequence[str]) -> str:

@@ -219,23 +219,33 @@ def test_map_in_browser_clicks_and_highlights(page, features, tmp_path):
         assert tooltip.inner_text() == SCRIPT_LABEL
         assert frame.evaluate("document.querySelectorAll('.deck-tooltip script').length") == 0
 
-        # Parent -> map: named highlight sets select exactly those features; [] clears.
+        # Parent -> map: named highlight sets mark exactly those features, drawn over the map; no
+        # other point fades (nothing is "selected"); [] clears.
         wanted = shown["feature"][[3, 10, 20]].tolist()
         tab.evaluate("(f) => window.send({type: 'highlight', features: f, id: 'reply'})", wanted)
-        selected = "[...datamap.getSelectedIndices()].sort((a, b) => a - b)"
-        frame.wait_for_function(f"{selected}.length === 3", timeout=10_000)
-        assert frame.evaluate(selected) == [3, 10, 20]
+        marked = "window.saeMap.marked()"
+        frame.wait_for_function(f"{marked}.length === 3", timeout=10_000)
+        assert frame.evaluate(marked) == [3, 10, 20]
+        marks = "datamap.deckgl.props.layers.filter(l => l.id === 'sae-marks').map(l => l.props.data.length)"
+        assert frame.evaluate(marks) == [3]
+        assert (
+            frame.evaluate("datamap.getSelectedIndices ? [...datamap.getSelectedIndices()].length : 0") == 0
+        )
         tab.evaluate("window.send({type: 'highlight', features: [], id: 'reply'})")
-        frame.wait_for_function(f"{selected}.length === 0", timeout=10_000)
+        frame.wait_for_function(f"{marked}.length === 0", timeout=10_000)
 
-        # Focus flies to a feature and highlights it.
+        # Focus flies to a feature (a moderate zoom) and rings it.
         zoom_before = frame.evaluate("datamap.deckgl.getViewports()[0].zoom")
         tab.evaluate("(f) => window.send({type: 'focus', feature: f})", int(shown["feature"][7]))
-        frame.wait_for_function(f"{selected}.length === 1 && {selected}[0] === 7", timeout=10_000)
+        ringed = "window.saeMap.ringed()"
+        frame.wait_for_function(f"{ringed}.length === 1 && {ringed}[0] === 7", timeout=10_000)
         frame.wait_for_function(f"datamap.deckgl.getViewports()[0].zoom > {zoom_before + 1}", timeout=10_000)
+        ring = "datamap.deckgl.props.layers.filter(l => l.id === 'sae-focus-ring').length"
+        assert frame.evaluate(ring) == 1
 
-        # Search by label.
+        # Search by label (DataMapPlot's own search box selects its matches).
         tab.evaluate("window.send({type: 'highlight', features: [], id: 'focus'})")
+        selected = "[...datamap.getSelectedIndices()].sort((a, b) => a - b)"
         frame.fill("#text-search", "script")
         frame.wait_for_function(f"{selected}.length === 1 && {selected}[0] === 0", timeout=10_000)
 
@@ -346,3 +356,10 @@ def test_preview_shows_the_map_until_webgl_has_drawn_it(page, features, tmp_path
     assert np.abs(before - after).sum() < 0.02 * after.sum(), (np.abs(before - after).sum(), after.sum())
     assert browser.blocked == []
     assert not [line for line in browser.console if line.startswith("pageerror")], browser.console
+
+
+def test_the_map_can_be_coloured_by_steerability_once_probed(features, page, cache_folder):
+    assert "Steerability" not in page  # not probed: no such colour option
+    probed = features.assign(steerability=np.linspace(0.0, 0.6, len(features)))
+    coloured = render_map_html(probed, CLUSTERS, title="t", cache_folder=cache_folder)
+    assert "Steerability (share of next-token probability" in coloured

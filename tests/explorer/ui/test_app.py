@@ -112,6 +112,31 @@ def test_search_is_case_insensitive_and_highlights(session):
     assert session.map.highlights["search"] == []
 
 
+def test_search_results_and_reply_features_sort_by_steerability(session):
+    import re
+
+    from explorer.ui.html import render_chips
+
+    steerability = session.bundle.features["steerability"]
+    assert session.sort_by.value == "steerability"  # a probed bundle sorts by it from the start
+    matches = session.run_search("feature")
+    listed = [int(f) for f in re.findall(r'data-feature="(\d+)"', session.search_results.html)]
+    assert sorted(listed) == sorted(matches[: len(listed)]) or len(listed) == 30
+    assert list(steerability[listed]) == sorted(steerability[listed], reverse=True)
+    session.sort_by.value = "relevance"
+    listed = [int(f) for f in re.findall(r'data-feature="(\d+)"', session.search_results.html)]
+    assert listed == matches[: len(listed)]
+    chips = render_chips(session.bundle, [(1, 0.9), (3, 0.5), (4, 0.2)], by="steerability")
+    assert [int(f) for f in re.findall(r'data-feature="(\d+)"', chips)] == [4, 3, 1]  # 0.4, 0.3, 0.1
+
+
+def test_the_card_says_what_one_click_does(session):
+    card = render_card(session.bundle, 3)
+    assert "one click: <b>×1.41</b>" in card and "steerability <b>0.30</b>" in card
+    assert "writes" in card and "&lt;em&gt;" in card and "<em>" not in card  # output tokens escaped
+    assert "direct logit lens" in card
+
+
 def test_deep_link_parsing(explorer_shared):
     bundle = explorer_shared.bundle
     link = open_link(
