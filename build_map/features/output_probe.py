@@ -19,6 +19,7 @@ its own words scores high.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -40,6 +41,7 @@ from build_map.sae.model import SparseAutoencoder
 logger = logging.getLogger(__name__)
 
 PROBE_COLUMNS = ("steer_strength", "steerability", "steer_kl", "output_promotes", "output_suppresses")
+_FULL_STEPS = 2  # search steps every feature takes; later ones only where no clear strength was found
 _CANDIDATES = 48  # tokens kept per feature and step before cleaning, deduplicating and word-first ranking
 _WORD_SHARE = 0.1  # a whole word is listed first when it scores at least this share of the best token
 
@@ -99,13 +101,18 @@ def probe_features(
     measure = _Measure(continuation, states, sae, scale, excluded, cfg)
     steps: list[_Step] = []
     index = np.full(len(ids), STRENGTH_GRID.index(cfg.start_strength))
-    for _ in range(cfg.search_steps if len(ids) else 0):
-        steps.append(measure.step(ids, index))
+    measured = 0
+    for step in range(cfg.search_steps if len(ids) else 0):
+        todo = np.ones(len(ids), bool) if step < _FULL_STEPS else ~_resolved(steps, cfg)
+        if not todo.any():
+            break
+        steps.append(measure.step(ids, index, todo, steps[-1] if steps else None))
+        measured += int(todo.sum())
         index = _next_index(steps, cfg)
     frame = _empty_frame(sae.d_sae)
     if steps:
         _fill(frame, ids, steps, text, cfg)
-    positions = len(ids) * len(steps) * sum(int(s.new_ids.shape[1]) for s in states)
+    positions = measured * sum(int(s.new_ids.shape[1]) for s in states)
     result = ProbeResult(frame, len(ids), positions, time.perf_counter() - started, continuation.shortcut)
     logger.info(
         "Output probe: %d features × %d strengths in %.1f s (%.0f positions/s, %s)", len(ids), len(steps),
@@ -147,36 +154,49 @@ class _Measure:
         self.continuation, self.states, self.sae, self.cfg = continuation, states, sae, cfg
         self.scale, self.excluded = scale, excluded
         self.base = [state.logits.log_softmax(-1) for state in states]  # (L, V) each
+        self.base_probs = [base.exp().mean(0) for base in self.base]  # (V,) each
 
-    def step(self, ids: np.ndarray, index: np.ndarray) -> _Step:
-        parts = [self._batch(ids[i : i + self.cfg.batch_rows], index[i : i + self.cfg.batch_rows])
-                 for i in range(0, len(ids), self.cfg.batch_rows)]  # fmt: skip
-        kl, gain, p_ids, p_score, s_ids, s_score = (
-            np.concatenate(column) for column in zip(*parts, strict=True)
-        )
-        return _Step(index.copy(), kl, gain, p_ids, p_score, s_ids, s_score)
+    def step(self, ids: np.ndarray, index: np.ndarray, todo: np.ndarray, previous: _Step | None) -> _Step:
+        """Measure the features where ``todo`` at their ``index``; the others keep ``previous``."""
+        rows = np.flatnonzero(todo)
+        batch = self.cfg.batch_rows
+        parts = [
+            self._batch(ids[rows[i : i + batch]], index[rows[i : i + batch]])
+            for i in range(0, len(rows), batch)
+        ]
+        measured = [np.concatenate(column) for column in zip(*parts, strict=True)]
+        if previous is None:
+            return _Step(index.copy(), *measured)
+        step = copy.deepcopy(previous)
+        step.strength[rows] = index[rows]
+        for name, values in zip(("kl", "gain", "promote_ids", "promote_score", "suppress_ids", "suppress_score"),
+                                measured, strict=True):  # fmt: skip
+            getattr(step, name)[rows] = values
+        return step
 
     def _batch(self, ids: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, ...]:
         strengths = torch.tensor([STRENGTH_GRID[i] for i in index], dtype=torch.float32)
         amounts = strengths * self.scale[torch.as_tensor(ids)]
         directions = self.sae.W_dec.detach()[torch.as_tensor(ids, device=self.sae.W_dec.device)].float()
-        kl = gained = shifted = None
-        for state, base in zip(self.states, self.base, strict=True):
+        kl = probs_mean = change_mean = None
+        for state, base, base_probs in zip(self.states, self.base, self.base_probs, strict=True):
             device = state.residual.device
             push = (amounts.to(device)[:, None] * directions.to(device))[:, None, :]  # (B, 1, d)
             logprobs = self.continuation.logits(state, state.residual.float()[None] + push).log_softmax(-1)
-            probs = logprobs.exp()
-            base = base.to(logprobs.device)
-            row_kl = (probs * (logprobs - base)).sum(-1).mean(-1)  # (B,)
-            row_gain = (probs - base.exp()).mean(1)  # (B, V)
-            change = logprobs - base
-            row_shift = (change - change.mean(-1, keepdim=True)).mean(1)
+            change = logprobs - base.to(logprobs.device)  # (B, L, V)
+            probs = logprobs.exp_()  # in place: the log-probabilities are not needed any more
+            row_kl = (probs * change).sum(-1).mean(-1)  # (B,)
+            # Means over positions first: the (B, V) rest is cheap next to the (B, L, V) tensors.
+            row_probs = probs.mean(1) - base_probs.to(probs.device)
+            row_change = change.mean(1)
             kl = row_kl if kl is None else kl + row_kl
-            gained = row_gain if gained is None else gained + row_gain
-            shifted = row_shift if shifted is None else shifted + row_shift
+            probs_mean = row_probs if probs_mean is None else probs_mean + row_probs
+            change_mean = row_change if change_mean is None else change_mean + row_change
             del logprobs, probs, change
         n = len(self.states)
-        kl, gained, shifted = kl / n, gained / n, shifted / n
+        kl, gained = kl / n, probs_mean / n
+        shifted = change_mean / n
+        shifted -= shifted.mean(-1, keepdim=True)  # a log-probability shift common to all tokens is no effect
         gained[:, self.excluded] = -math.inf
         shifted[:, self.excluded] = math.inf
         top = gained.topk(_CANDIDATES, dim=1)
@@ -191,6 +211,13 @@ def clear_share(features: pd.DataFrame) -> float:
     """Share of the probed features (rows with a steer_strength) that steer clearly."""
     probed = features["steer_strength"].notna()
     return float((features.loc[probed, "steerability"] >= CLEAR_STEERABILITY).mean()) if probed.any() else 0.0
+
+
+def _resolved(steps: list[_Step], cfg: ProbeConfig) -> np.ndarray:
+    """Features with a tested strength that is clear and has not collapsed: further steps could
+    only find a smaller one a √2 step away, so they are not measured again."""
+    kl = np.stack([s.kl for s in steps])
+    return ((kl >= cfg.clear_kl) & (kl <= cfg.collapse_kl)).any(0)
 
 
 def _next_index(steps: list[_Step], cfg: ProbeConfig) -> np.ndarray:

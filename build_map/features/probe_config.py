@@ -17,8 +17,8 @@ The rule for ``steer_strength``:
 
 The strengths tested are a search on ``STRENGTH_GRID``. Near zero KL grows with the square of
 the strength, so each step jumps by the number of grid steps that this law predicts would land
-on ``target_kl``, at most ``max_jump`` steps. ``search_steps`` passes cost one batched pass over
-every feature each.
+on ``target_kl``, at most ``max_jump`` steps. Every feature takes two steps; a third runs only for
+the features that have no clear, coherent strength yet.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class ProbeError(ValueError):
 class ProbeConfig:
     prompts: tuple[str, ...] = PROBE_PROMPTS
     """User messages of the probe contexts (rendered with the chat template)."""
-    reply_tokens: int = 2
+    reply_tokens: int = 1
     """Unsteered greedy reply tokens appended to each prompt: the probed positions are the last
     prompt token and these, so 1 + reply_tokens next-token distributions per context."""
     clear_kl: float = 1.0
@@ -59,7 +59,8 @@ class ProbeConfig:
     start_strength: float = 2.0
     """First strength tested for every feature (a grid value)."""
     search_steps: int = 3
-    """Strengths tested per feature."""
+    """Most strengths tested per feature: every feature takes two steps, and a third only when
+    neither was clear without having collapsed."""
     max_jump: int = 4
     """Most grid steps one search step moves (4 = a factor of 4 in strength)."""
     n_tokens: int = 10

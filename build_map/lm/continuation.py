@@ -111,7 +111,7 @@ class Continuation:
 
     def _after_hookpoint(self, residual: torch.Tensor, cache: Any, positions: torch.Tensor) -> torch.Tensor:
         decoder, layers = self._decoder, self._decoder.layers
-        dtype = next(self._after.parameters()).dtype
+        dtype = next(self.model.get_output_embeddings().parameters()).dtype  # there may be no layer after
         decoder.layers = self._after
         try:
             hidden = decoder(

@@ -48,7 +48,8 @@ def test_a_feature_along_an_unembedding_row_promotes_that_token(sharp):
         assert word.strip() not in frame.at[feature, "output_suppresses"]
     assert (frame["steerability"] > 0.2).all()  # much of the moved probability lands on the word
     assert all(text.isprintable() for tokens in frame["output_suppresses"] for text in tokens)
-    assert result.shortcut and result.positions == 3 * CFG.search_steps * 2 * 2
+    per_step = len(words) * len(CFG.prompts) * (1 + CFG.reply_tokens)  # features × contexts × positions
+    assert result.shortcut and 2 * per_step <= result.positions <= CFG.search_steps * per_step
 
 
 def test_steer_strength_falls_as_the_planted_decoder_norm_rises(sharp):

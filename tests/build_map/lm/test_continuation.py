@@ -65,3 +65,13 @@ def test_models_the_shortcut_cannot_reproduce_run_whole(tiny_model, tiny_tokeniz
     torch.testing.assert_close(
         continuation.logits(state, state.residual[None]), state.logits[None], atol=1e-5, rtol=1e-5
     )
+
+
+def test_a_hookpoint_at_the_last_layer_leaves_only_the_norm_and_head(tiny_model, tiny_tokenizer):
+    ids = _ids(tiny_tokenizer)
+    continuation = Continuation(tiny_model, "model.layers.1")
+    state = continuation.context(ids[:6], ids[6:9])
+    assert continuation.shortcut
+    torch.testing.assert_close(
+        continuation.logits(state, state.residual[None]), state.logits[None], atol=1e-5, rtol=1e-5
+    )

@@ -104,6 +104,18 @@ def test_schema_one_row_per_feature(built):
     assert (examples["tokens"].map(len) == examples["acts"].map(len)).all()
 
 
+def test_the_build_probes_every_live_visible_feature(built):
+    bundle, summary, _ = built
+    features = bundle.features
+    probed = features["steer_strength"].notna()
+    assert bundle.probed and probed.tolist() == (~features["dead"] & ~features["hidden"]).tolist()
+    assert (features.loc[probed, "steerability"].between(0, 1)).all()
+    assert str(pq.read_schema(bundle.path / "features.parquet").field("steer_strength").type) == "float"
+    assert bundle.manifest["probe"]["n_probed"] == int(probed.sum()) == summary.n_probed
+    assert bundle.manifest["build"]["probe"]["clear_kl"] > 0
+    assert any(line.startswith("output probe:") and "steer clearly" in line for line in summary.lines())
+
+
 def test_planted_groups_recovered_and_named_apart(built):
     bundle, _, groups = built
     best = max(bundle.cluster_columns, key=lambda c: adjusted_rand_score(groups, bundle.features[c]))
