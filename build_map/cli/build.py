@@ -48,6 +48,33 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_probe(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "probe", parents=[common_options()], help="run the output-effect probe on an existing bundle",
+        description="Measure every live, visible feature's click strength, steerability and output tokens "
+        "(the output-effect probe) and write them into the bundle, which is rewritten in place; a bundle "
+        "built before the probe gets calibrated clicks this way.",
+    )  # fmt: skip
+    parser.add_argument("bundle", help="bundle folder (its manifest names the model and SAE)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.set_defaults(run=run_probe)
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    from build_map.features.probe_config import CLEAR_STEERABILITY
+    from build_map.pipeline.reprobe import reprobe_bundle
+
+    summary, share = reprobe_bundle(args.bundle, device=args.device)
+    how = (
+        "cached"
+        if summary.cached
+        else f"{summary.seconds:.0f} s, {summary.positions_per_second:.0f} positions/s"
+    )
+    print(f"output probe: {summary.n_probed} features ({how}); {100 * share:.0f}% steer clearly at their "
+          f"steer_strength (steerability >= {CLEAR_STEERABILITY:g}); wrote {args.bundle}")  # fmt: skip
+    return 0
+
+
 def add_demo(subparsers: argparse._SubParsersAction) -> None:
     from build_map.pipeline.demo import DEMO_STATS_TOKENS
 

@@ -10,7 +10,7 @@ from build_map.cli import build, export, sweep, train
 from build_map.cli.base import run_command, setup_logging
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    train.add, build.add_build, build.add_demo, export.add, sweep.add,
+    train.add, build.add_build, build.add_probe, build.add_demo, export.add, sweep.add,
 ]  # fmt: skip
 
 

@@ -43,6 +43,10 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", required=True, help="folder for sweep.parquet, sweep.png, sweep.html, sweep.json"
     )
+    parser.add_argument("--steer-prompt", action="store_true",
+                        help="steer the prompt's positions too (default: only the positions that write the reply)")  # fmt: skip
+    parser.add_argument("--steer-special-tokens", action="store_true",
+                        help="with --steer-prompt, also steer the chat template's special tokens")  # fmt: skip
     add_bundle_model_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(run=run)
@@ -50,6 +54,7 @@ def add(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from build_map.steering.recipes import load_recipe
+    from build_map.steering.requests import SteeringScope
     from build_map.steering.session import open_bundle
     from build_map.steering.sweep import DEFAULT_PROMPTS
     from build_map.steering.sweep_plots import plot_sweep
@@ -61,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     with open_bundle(args.bundle, device=args.device, model=args.model, sae=args.sae, dtype=args.dtype) as s:
         target = load_recipe(args.recipe, s.bundle) if args.recipe else args.features
         frame = s.sweep(target, prompts, args.strengths, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                        mode=args.mode, batch_rows=args.batch_rows, progress=not args.no_progress)  # fmt: skip
+                        mode=args.mode, batch_rows=args.batch_rows, progress=not args.no_progress,
+                        scope=SteeringScope(args.steer_prompt, args.steer_special_tokens))  # fmt: skip
         title = _title(s.bundle, frame.attrs["sweep"]["features"])
     window = suggest_window(frame)
     frame.to_parquet(out / "sweep.parquet", index=False)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from build_map.features.logit_lens import unlisted_ids
 from build_map.features.probe_config import CLEAR_STEERABILITY, STRENGTH_GRID, ProbeConfig, ProbeError
@@ -122,27 +123,30 @@ def probe_features(
 
 
 def _contexts(loaded: LoadedModel, cfg: ProbeConfig) -> list[tuple[list[int], list[int]]]:
-    """(prefix, probed ids) per prompt: the prompt up to its last token, then that token and the
-    first ``reply_tokens`` tokens of the unsteered greedy reply."""
+    """(prefix, probed ids) pairs: per prompt and per offset j in ``cfg.positions``, the position
+    that writes reply token j + 1 of the unsteered greedy reply (j = 0: the last prompt token),
+    with everything before it as the prefix."""
     tokenizer, model = loaded.tokenizer, loaded.model
     contexts = []
+    depth = max(cfg.positions)
     for prompt in cfg.prompts:
         if getattr(tokenizer, "chat_template", None):
             ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
         else:
             ids = list(tokenizer(prompt)["input_ids"])
+        if len(ids) < 2:
+            raise ProbeError(f"the probe prompt {prompt!r} is a single token; give longer probe prompts.")
         reply: list[int] = []
-        if cfg.reply_tokens:
+        if depth:
             with torch.inference_mode():
                 out = model.generate(
                     input_ids=torch.tensor([ids], device=input_device(model)), do_sample=False,
-                    max_new_tokens=cfg.reply_tokens, min_new_tokens=cfg.reply_tokens,
+                    max_new_tokens=depth, min_new_tokens=depth,
                     pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                 )  # fmt: skip
             reply = out[0, len(ids) :].tolist()
-        if len(ids) < 2:
-            raise ProbeError(f"the probe prompt {prompt!r} is a single token; give longer probe prompts.")
-        contexts.append((ids[:-1], ids[-1:] + reply))
+        text = ids + reply
+        contexts += [(text[: len(ids) - 1 + j], [text[len(ids) - 1 + j]]) for j in cfg.positions]
     return contexts
 
 
@@ -160,10 +164,9 @@ class _Measure:
         """Measure the features where ``todo`` at their ``index``; the others keep ``previous``."""
         rows = np.flatnonzero(todo)
         batch = self.cfg.batch_rows
-        parts = [
-            self._batch(ids[rows[i : i + batch]], index[rows[i : i + batch]])
-            for i in range(0, len(rows), batch)
-        ]
+        starts = range(0, len(rows), batch)
+        bar = tqdm(starts, desc="Output probe", unit="batch", disable=len(starts) < 4)
+        parts = [self._batch(ids[rows[i : i + batch]], index[rows[i : i + batch]]) for i in bar]
         measured = [np.concatenate(column) for column in zip(*parts, strict=True)]
         if previous is None:
             return _Step(index.copy(), *measured)

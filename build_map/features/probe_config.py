@@ -1,10 +1,9 @@
 """What the output-effect probe measures and how it picks a feature's click strength.
 
 The probe (``build_map.features.output_probe``) adds ``strength × max_act × W_dec[i]`` at the
-hookpoint of a few short chat contexts. It adds it to the positions that write the reply: the
-last prompt token, which predicts the first reply token, and the first reply tokens, the same
-positions the steering engine steers by default. Then it reads the next-token distribution at
-those positions through the rest of the model.
+hookpoint of a few short chat contexts, at positions that write the reply (the last prompt
+token, and one mid-reply), and reads the next-token distribution there through the rest of the
+model.
 
 The rule for ``steer_strength``:
 * ``KL(s)`` is the mean over the probed positions of KL(steered ‖ unsteered) in nats, at
@@ -25,8 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STRENGTH_GRID = tuple(round(0.25 * 2 ** (i / 2), 4) for i in range(13))
-"""0.25 to 16 × max activation, √2 apart: the strengths the probe may test."""
+STRENGTH_GRID = tuple(round(0.0625 * 2 ** (i / 2), 4) for i in range(17))
+"""1/16 to 16 × max activation, √2 apart: the strengths the probe may test (a few features move
+the output so much per unit of max activation that even 1/4 collapses it)."""
 CLEAR_STEERABILITY = 0.1
 """Steerability from which a feature counts as steering clearly: a tenth of the next-token
 probability moved onto its own tokens at its click strength."""
@@ -47,9 +47,12 @@ class ProbeError(ValueError):
 class ProbeConfig:
     prompts: tuple[str, ...] = PROBE_PROMPTS
     """User messages of the probe contexts (rendered with the chat template)."""
-    reply_tokens: int = 1
-    """Unsteered greedy reply tokens appended to each prompt: the probed positions are the last
-    prompt token and these, so 1 + reply_tokens next-token distributions per context."""
+    positions: tuple[int, ...] = (0, 6)
+    """Probed positions per prompt, as offsets into the unsteered greedy reply: 0 is the last
+    prompt token (it writes the first reply token), j the position of reply token j (it writes
+    token j + 1). Each is probed on its own, everything before it unsteered in the cache: the
+    reply's start says how a feature opens a reply, a position mid-sentence which words it
+    writes (the start alone lists mostly "I", "The", "Sure")."""
     clear_kl: float = 1.0
     """KL (nats) at which a strength's effect counts as clear."""
     collapse_kl: float = 4.0
@@ -76,5 +79,7 @@ class ProbeConfig:
             raise ProbeError(f"ProbeConfig.start_strength must be one of {STRENGTH_GRID}.")
         if not 0 < self.clear_kl <= self.target_kl < self.collapse_kl:
             raise ProbeError("ProbeConfig: need 0 < clear_kl <= target_kl < collapse_kl.")
-        if self.reply_tokens < 0 or self.search_steps < 1 or self.batch_rows < 1 or self.n_tokens < 1:
-            raise ProbeError("ProbeConfig: reply_tokens >= 0; search_steps, batch_rows, n_tokens >= 1.")
+        if not self.positions or min(self.positions) < 0:
+            raise ProbeError("ProbeConfig.positions: give at least one reply offset, each >= 0.")
+        if self.search_steps < 1 or self.batch_rows < 1 or self.n_tokens < 1:
+            raise ProbeError("ProbeConfig: search_steps, batch_rows and n_tokens must be >= 1.")

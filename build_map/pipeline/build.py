@@ -155,7 +155,7 @@ def build_bundle(cfg: BuildConfig, loaded: LoadedModel | None = None) -> BuildSu
     with stage("map"):
         title = cfg.title or f"{inputs.loaded.spec} · {inputs.hookpoint} · {inputs.sae.d_sae:,} SAE features"
         write_bundle(out, manifest=manifest, features=features, examples=stats.examples, clusters=clusters,
-                     render_map=lambda folder: _write_map(folder, features, title), overwrite=cfg.overwrite)  # fmt: skip
+                     render_map=lambda folder: write_map(folder, features, title), overwrite=cfg.overwrite)  # fmt: skip
     return BuildSummary(
         out=out,
         n_features=inputs.sae.d_sae,
@@ -263,7 +263,7 @@ def _with_clusters(
     return features, pd.DataFrame(rows)
 
 
-def _write_map(folder: Path, features: pd.DataFrame, title: str) -> None:
+def write_map(folder: Path, features: pd.DataFrame, title: str) -> None:
     subtitle = f"{int(features['dead'].sum()):,} dead features not drawn"
     page = render_map_html(features, cluster_columns(features), title=title, subtitle=subtitle)
     (folder / MAP_HTML).write_text(page, encoding="utf-8")

@@ -13,7 +13,7 @@ from build_map.sae.model import SAEConfig, SparseAutoencoder
 from tests.support.tiny import make_tiny_model
 
 HOOKPOINT = "model.layers.0"
-CFG = ProbeConfig(prompts=("hello, how are you today?", "what is your favourite colour?"), reply_tokens=1)
+CFG = ProbeConfig(prompts=("hello, how are you today?", "what is your favourite colour?"), positions=(0, 2))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_a_feature_along_an_unembedding_row_promotes_that_token(sharp):
         assert word.strip() not in frame.at[feature, "output_suppresses"]
     assert (frame["steerability"] > 0.2).all()  # much of the moved probability lands on the word
     assert all(text.isprintable() for tokens in frame["output_suppresses"] for text in tokens)
-    per_step = len(words) * len(CFG.prompts) * (1 + CFG.reply_tokens)  # features × contexts × positions
+    per_step = len(words) * len(CFG.prompts) * len(CFG.positions)  # features × prompts × positions
     assert result.shortcut and 2 * per_step <= result.positions <= CFG.search_steps * per_step
 
 
@@ -65,7 +65,7 @@ def test_steer_strength_falls_as_the_planted_decoder_norm_rises(sharp):
 
 def test_choose_step_follows_the_documented_rule():
     cfg = ProbeConfig()
-    strength = np.array([[6, 6, 6, 6], [4, 8, 2, 3], [5, 10, 1, 2]])  # steps × features (grid indices)
+    strength = np.array([[6, 6, 6, 6], [4, 8, 2, 3], [5, 10, 1, 2]]) + 4  # steps × features (grid indices)
     kl = np.array([[1.5, 0.2, 9.0, 5.0], [0.5, 0.6, 6.0, 4.5], [1.1, 0.9, 5.0, 3.9]])
     # f0: clear at 6 and 5 → the smaller (5); f1: never clear → the largest tested (10);
     # f2: all collapsed → the smallest (1); f3: clear nowhere below collapse but 2 is coherent → 2
