@@ -9,6 +9,7 @@ feature's click strength (``steer_strength``) and at strength 0. Per feature, ov
   × max act) at the click strength minus at 0;
 * ``concept rise``: the share of reply words that are the feature's concept words (the tokens it
   fires on, plus the tokens the probe says it writes) minus that share in the unsteered reply;
+  ``content rise`` is the same without function words ("the", "i", "you"), a stricter count;
 * ``coherence drop``: mean log-probability per reply token under the unsteered model, unsteered
   minus steered (nats/token).
 
@@ -52,6 +53,15 @@ BENCH_PROMPTS = (
 )
 BENCH_SEED, DEV_SEED = 2026, 7
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
+# Function words: a concept word that is one of these ("i", "the", "you") says nothing about the
+# feature, so the stricter count (``content rise``) leaves them out.
+_FUNCTION_TEXT = (
+    "a an the i me my we our you your he she it its they them their this that these those is am are was "
+    "were be been being have has had do does did will would can could should may might must shall to of "
+    "in on at by for with from as and or but not no so if then than there here what which who how when "
+    "where why all any some just very too also about up out into over i'm it's don't"
+)
+FUNCTION_WORDS = set(_FUNCTION_TEXT.split(" "))
 
 
 def words(text: str) -> list[str]:
@@ -63,8 +73,10 @@ def concept_words(row: pd.Series) -> set[str]:
     return {w for t in tokens for w in words(str(t)) if len(w) >= 2}
 
 
-def concept_share(text: str, concepts: set[str]) -> float:
+def concept_share(text: str, concepts: set[str], content_only: bool = False) -> float:
     found = words(text)
+    if content_only:
+        concepts = concepts - FUNCTION_WORDS
     return sum(w in concepts for w in found) / len(found) if found else 0.0
 
 
@@ -109,12 +121,16 @@ def measure(session, features: pd.DataFrame, ids: list[int], prompts, tokens: in
                     replies[i] != replies[b],
                     effects[i][column[f]] - effects[b][column[f]],
                     concept_share(texts[i], concepts) - concept_share(texts[b], concepts),
+                    concept_share(texts[i], concepts, True) - concept_share(texts[b], concepts, True),
                     coherence[b] - coherence[i],
                 )
             )
-        changed, effect, concept, drop = (float(np.nanmean(v)) for v in zip(*per_prompt, strict=True))
+        changed, effect, concept, content, drop = (
+            float(np.nanmean(v)) for v in zip(*per_prompt, strict=True)
+        )
         out.append({"feature": f, "strength": strengths[f], "steerability": float(features.at[f, "steerability"]),
-                    "changed": changed, "effect_rise": effect, "concept_rise": concept, "coherence_drop": drop,
+                    "changed": changed, "effect_rise": effect, "concept_rise": concept, "content_rise": content,
+                    "coherence_drop": drop,
                     "example": texts[rows.index((f, 0))][:90]})  # fmt: skip
     frame = pd.DataFrame(out)
     frame["visible"] = (frame["changed"] >= 0.5) & (
@@ -128,7 +144,8 @@ def report(name: str, frame: pd.DataFrame) -> None:
         f"{name}: {len(frame)} features; steer visibly {100 * frame['visible'].mean():.0f}% "
         f"(reply changed {100 * (frame['changed'] >= 0.5).mean():.0f}%, effect rise ≥ 0.05 "
         f"{100 * (frame['effect_rise'] >= 0.05).mean():.0f}%, concept share rise ≥ 5 pts "
-        f"{100 * (frame['concept_rise'] >= 0.05).mean():.0f}%); median coherence drop "
+        f"{100 * (frame['concept_rise'] >= 0.05).mean():.0f}%; content words only "
+        f"{100 * (frame['content_rise'] >= 0.05).mean():.0f}%); median coherence drop "
         f"{frame['coherence_drop'].median():.2f} nats/token; median click strength {frame['strength'].median():.2f}"
     )
 

@@ -265,11 +265,11 @@ def _fill(
     pick = lambda name: np.stack([getattr(s, name) for s in steps])[chosen, cols]  # noqa: E731
     frame.loc[ids, "steer_strength"] = np.asarray(STRENGTH_GRID, dtype=np.float32)[strength[chosen, cols]]
     frame.loc[ids, "steer_kl"] = kl[chosen, cols].astype(np.float32)
-    frame.loc[ids, "steerability"] = pick("gain").astype(np.float32)
     promote_ids, promote_score = pick("promote_ids"), pick("promote_score")
     suppress_ids, suppress_score = pick("suppress_ids"), -pick("suppress_score")
     listed = np.unique(np.concatenate([promote_ids.ravel(), suppress_ids.ravel()])).tolist()
     clean = text.clean(listed)
+    frame.loc[ids, "steerability"] = _word_gain(promote_ids, promote_score, clean, cfg.n_tokens)
     words = {i for i, shown in text.display(listed).items() if _is_word(shown)}
     promotes = [
         _words_first(r, s, clean, words, cfg.n_tokens)
@@ -284,6 +284,15 @@ def _fill(
     for row, feature in enumerate(ids):
         frame.at[int(feature), "output_promotes"] = promotes[row]
         frame.at[int(feature), "output_suppresses"] = suppresses[row]
+
+
+def _word_gain(ids: np.ndarray, scores: np.ndarray, clean: dict[int, str], k: int) -> np.ndarray:
+    """Per feature, the probability gained by its ``k`` most promoted tokens that hold a letter:
+    punctuation and digits a feature piles up ("!!!!", ":") are not words a reader would see."""
+    is_word = np.vectorize(lambda i: any(c.isalpha() for c in clean[int(i)]))(ids)
+    gains = np.where(is_word, np.clip(scores, 0, None), 0.0)
+    order = np.argsort(~is_word, axis=1, kind="stable")[:, :k]  # words first, in score order
+    return np.take_along_axis(gains, order, axis=1).sum(1).astype(np.float32)
 
 
 def _words_first(

@@ -29,7 +29,7 @@ STRENGTH_GRID = tuple(round(0.0625 * 2 ** (i / 2), 4) for i in range(17))
 the output so much per unit of max activation that even 1/4 collapses it)."""
 CLEAR_STEERABILITY = 0.1
 """Steerability from which a feature counts as steering clearly: a tenth of the next-token
-probability moved onto its own tokens at its click strength."""
+probability moved onto its own words at its click strength."""
 PROBE_PROMPTS = (
     "Can you tell me something interesting?",
     "What would you do on a free afternoon?",
@@ -53,11 +53,14 @@ class ProbeConfig:
     token j + 1). Each is probed on its own, everything before it unsteered in the cache: the
     reply's start says how a feature opens a reply, a position mid-sentence which words it
     writes (the start alone lists mostly "I", "The", "Sure")."""
-    clear_kl: float = 1.0
-    """KL (nats) at which a strength's effect counts as clear."""
+    clear_kl: float = 0.5
+    """KL (nats) at which a strength's effect counts as clear. Set on the dev prompts and features
+    of ``bench/bench_steer_probe.py --dev`` (never the bench's): 1.0 steered 72% of random demo
+    features visibly at a median coherence drop of 1.24 nats/token, 0.5 56% at 1.15, 0.25 41% at
+    0.75."""
     collapse_kl: float = 4.0
     """KL (nats) above which the distribution counts as collapsed."""
-    target_kl: float = 1.3
+    target_kl: float = 0.65
     """Where the search aims: a little above clear_kl, so the smallest clear strength is tested."""
     start_strength: float = 2.0
     """First strength tested for every feature (a grid value)."""

@@ -13,7 +13,9 @@ from build_map.sae.model import SAEConfig, SparseAutoencoder
 from tests.support.tiny import make_tiny_model
 
 HOOKPOINT = "model.layers.0"
-CFG = ProbeConfig(prompts=("hello, how are you today?", "what is your favourite colour?"), positions=(0, 2))
+# A clear effect at KL 1 nat: the tiny model's planted tokens stand out well above its noise there.
+CFG = ProbeConfig(prompts=("hello, how are you today?", "what is your favourite colour?"), positions=(0, 2),
+                  clear_kl=1.0, target_kl=1.3)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def test_a_feature_along_an_unembedding_row_promotes_that_token(sharp):
     for feature, word in enumerate(words):
         assert word.strip() in frame.at[feature, "output_promotes"][:3], frame.at[feature, "output_promotes"]
         assert word.strip() not in frame.at[feature, "output_suppresses"]
-    assert (frame["steerability"] > 0.2).all()  # much of the moved probability lands on the word
+    assert (frame["steerability"] > 0.15).all()  # much of the moved probability lands on words
     assert all(text.isprintable() for tokens in frame["output_suppresses"] for text in tokens)
     per_step = len(words) * len(CFG.prompts) * len(CFG.positions)  # features × prompts × positions
     assert result.shortcut and 2 * per_step <= result.positions <= CFG.search_steps * per_step
@@ -64,7 +66,7 @@ def test_steer_strength_falls_as_the_planted_decoder_norm_rises(sharp):
 
 
 def test_choose_step_follows_the_documented_rule():
-    cfg = ProbeConfig()
+    cfg = ProbeConfig(clear_kl=1.0, target_kl=1.3, collapse_kl=4.0)
     strength = np.array([[6, 6, 6, 6], [4, 8, 2, 3], [5, 10, 1, 2]]) + 4  # steps × features (grid indices)
     kl = np.array([[1.5, 0.2, 9.0, 5.0], [0.5, 0.6, 6.0, 4.5], [1.1, 0.9, 5.0, 3.9]])
     # f0: clear at 6 and 5 → the smaller (5); f1: never clear → the largest tested (10);
