@@ -180,7 +180,7 @@ def test_click_add_chat_offline(server):
         token_ms = _send_and_time_first_steered_token(page, "hello, how are you today?", turn=1)
         # The turn ends with feature chips under the replies, lit on the map.
         page.wait_for_function("() => window.__deepAll('.chips .chip').length > 0", timeout=120_000)
-        frame.wait_for_function("() => Array.from(datamap.getSelectedIndices()).length > 0", timeout=30_000)
+        frame.wait_for_function("() => window.saeMap.marked().length > 0", timeout=30_000)  # drawn as marks
         page.wait_for_timeout(300)
         page.screenshot(path=str(SCREENSHOT))
 
