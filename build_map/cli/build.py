@@ -71,7 +71,8 @@ def run_probe(args: argparse.Namespace) -> int:
         else f"{summary.seconds:.0f} s, {summary.positions_per_second:.0f} positions/s"
     )
     print(f"output probe: {summary.n_probed} features ({how}); {100 * share:.0f}% steer clearly at their "
-          f"steer_strength (steerability >= {CLEAR_STEERABILITY:g}); wrote {args.bundle}")  # fmt: skip
+          f"steer_strength (one click moves >= {100 * CLEAR_STEERABILITY:.0f}% of next-token probability onto "
+          f"their own words); wrote {args.bundle}")  # fmt: skip
     return 0
 
 

@@ -105,7 +105,8 @@ class BuildSummary:
             return "output probe: not run (clicks use the default strength)"
         return (
             f"output probe: {self.n_probed} features; {100 * self.clear_share:.0f}% steer clearly at their "
-            f"steer_strength (steerability >= {CLEAR_STEERABILITY:g})"
+            f"steer_strength (one click moves >= {100 * CLEAR_STEERABILITY:.0f}% of next-token probability "
+            "onto their own words)"
         )
 
 
