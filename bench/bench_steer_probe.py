@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--dev", action="store_true", help="tuning set: the sweep's prompts and another seed")
     parser.add_argument("--batch-rows", type=int, default=64)
     parser.add_argument("--show", type=int, default=6, help="example replies printed")
+    parser.add_argument("--dump", default=None, help="write every feature's measures to this Parquet file")
     args = parser.parse_args()
     if args.bundle is None:
         from build_map.pipeline.demo import demo_bundle
@@ -183,12 +184,14 @@ def main() -> None:
           f"probe: {probe.get('n_probed')} features in {probe.get('seconds')} s "
           f"({probe.get('positions_per_second')} positions/s)")  # fmt: skip
     scope = SteeringScope(prompt=args.scope == "prompt")
+    dumped = []
     for factor in (float(x) for x in args.multipliers.split(",")):
         started = time.perf_counter()
         ids = list(dict.fromkeys(random_ids + top_ids))
         frame = measure(
             session, features, ids, prompts, args.tokens, factor, scope, args.batch_rows
         ).set_index("feature")
+        dumped.append(frame.assign(factor=factor, random=frame.index.isin(random_ids)))
         print(f"\n× {factor:g} the click strength ({time.perf_counter() - started:.0f} s)")
         report("32 random live", frame.loc[random_ids[:32]])
         report(f"{len(top_ids)} most steerable", frame.loc[top_ids])
@@ -201,6 +204,8 @@ def main() -> None:
             row = frame.loc[f]
             print(f"  #{f} {features.at[f, 'label']!r} ×{row['strength']:.2f} steer {row['steerability']:.2f} "
                   f"writes {list(features.at[f, 'output_promotes'])[:5]}: {row['example']!r}")  # fmt: skip
+    if args.dump:
+        pd.concat(dumped).reset_index().to_parquet(args.dump, index=False)
 
 
 if __name__ == "__main__":
