@@ -35,7 +35,22 @@ def check_can_write(out: str | Path, overwrite: bool) -> Path:
         raise BundleError(f"{out} already exists; pass --overwrite to replace it, or choose another --out.")
     if out.exists() and not out.is_dir():
         raise BundleError(f"{out} exists and is not a folder; choose another --out.")
+    if out.exists() and any(out.iterdir()) and not is_bundle_folder(out):
+        raise BundleError(
+            f"{out} holds files but is not a bundle (no {MANIFEST} with a format_version), so --overwrite "
+            "will not replace it: choose another --out, or empty that folder yourself."
+        )
     return out
+
+
+def is_bundle_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a bundle (its manifest names a format version): the only kind of
+    folder ``--overwrite`` may replace."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "format_version" in manifest
 
 
 def write_bundle(

@@ -142,3 +142,18 @@ def test_bundles_built_before_the_probe_open_with_the_default_click(tmp_path):
     new = load_bundle(_write(tmp_path / "new", features=features))
     assert new.probed and click_strength(new, 2) == 2.8284 and is_calibrated(new, 2)
     assert list(new.features.at[0, "output_promotes"]) == ["music"]
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_a_bundle(tmp_path):
+    """--overwrite on a user's folder (here: a thesis) is refused, and the folder is untouched."""
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("three years of work")
+    with pytest.raises(BundleError, match=r"holds files but is not a bundle.*choose another --out"):
+        _write(folder, overwrite=True)
+    assert (folder / "thesis.txt").read_text() == "three years of work"
+    assert sorted(p.name for p in folder.iterdir()) == ["thesis.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert load_bundle(_write(empty, overwrite=True)).n_features == 6  # an empty folder is fine
+    assert load_bundle(_write(empty, overwrite=True)).n_features == 6  # and so is a bundle
