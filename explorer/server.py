@@ -105,11 +105,12 @@ def make_server(
     def app() -> pn.viewable.Viewable:  # a plain function: Panel renders a partial as text
         return create_app(shared)
 
-    return pn.serve(
+    origins = websocket_origins(host, port, allowed_origins)
+    server = pn.serve(
         app,
         address=host,
         port=port,
-        websocket_origin=websocket_origins(host, port, allowed_origins),
+        websocket_origin=origins,
         static_dirs={MAP_ROUTE: str(shared.bundle.path)},
         title=shared.title,
         show=show,
@@ -117,6 +118,37 @@ def make_server(
         verbose=False,
         **kwargs,
     )
+    guard_host(server._tornado, served_hosts(origins))
+    return server
+
+
+def served_hosts(origins: Sequence[str]) -> set[str] | None:
+    """The host names (no port, no brackets) a request may be addressed to: the names the page is
+    served under, from ``websocket_origins``; None when "*" allows every site."""
+    if "*" in origins:
+        return None
+    return {re.sub(r":\d+$", "", origin).strip("[]").lower() for origin in origins}
+
+
+def guard_host(application, hosts: set[str] | None) -> None:
+    """Answer 403 to any request whose Host header names none of ``hosts``: pages, static files
+    and the websocket alike. DNS rebinding (a site whose name resolves to 127.0.0.1) sends its
+    own name as Host, and as Origin too, which an origin check alone lets through."""
+    if hosts is None:
+        return
+    from tornado.web import ErrorHandler
+
+    find_handler = application.find_handler
+
+    def checked(request, **kwargs):
+        if request.host_name.strip("[]").lower() not in hosts:
+            logger.warning(
+                "Refused a request for host %r (serving %s)", request.host, ", ".join(sorted(hosts))
+            )
+            return application.get_handler_delegate(request, ErrorHandler, {"status_code": 403})
+        return find_handler(request, **kwargs)
+
+    application.find_handler = checked
 
 
 def run(server) -> None:

@@ -224,3 +224,29 @@ def test_sessions_are_separate_and_deep_links_work(server):
         )
         assert page.locator("textarea").input_value() == ""
         assert browser.blocked == [], f"outside requests attempted: {browser.blocked}"
+
+
+def test_requests_for_another_host_are_refused(server):
+    """DNS rebinding: a page on evil.example (resolving to 127.0.0.1) sends its own name as Host
+    and as Origin. Neither the page nor the websocket may answer it."""
+    import http.client
+    from urllib.parse import urlparse
+
+    port = urlparse(server).port
+
+    def status(path: str, host: str, **headers: str) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.request("GET", path, headers={"Host": host, **headers})
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    evil = f"evil.example:{port}"
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Origin": f"http://{evil}"}  # fmt: skip
+    assert status("/", evil) == 403
+    assert status("/bundle/map.html", evil) == 403
+    assert status("/ws", evil, **upgrade) == 403
+    assert status("/", f"127.0.0.1:{port}") == 200
+    assert status("/", f"localhost:{port}") == 200

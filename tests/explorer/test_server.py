@@ -34,3 +34,15 @@ def test_allow_origin_adds_names():
         "127.0.0.1", 5006, ["proxy.example", "proxy.example:443", "::1", "[::1]:8080"]
     )
     assert origins[2:] == ["proxy.example:5006", "proxy.example:443", "[::1]:5006", "[::1]:8080"]
+
+
+def test_served_hosts_are_the_origins_without_ports():
+    from explorer.server import served_hosts
+
+    assert served_hosts(["127.0.0.1:5006", "localhost:5006", "[::1]:5006", "Proxy.Example:443"]) == {
+        "127.0.0.1",
+        "localhost",
+        "::1",
+        "proxy.example",
+    }
+    assert served_hosts(["127.0.0.1:5006", "*"]) is None
