@@ -74,6 +74,14 @@ class BuildConfig:
     """Run the output-effect probe (each feature's click strength, steerability and output tokens);
     without it the explorer falls back to the default strength."""
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(
+                f"--seed {self.seed} is out of range; give a whole number from 0 to {2**32 - 1}."
+            )
+        if self.n_tokens < 1:
+            raise ValueError(f"--tokens {self.n_tokens}: give a positive number of corpus tokens.")
+
 
 @dataclass
 class BuildSummary:

@@ -21,6 +21,15 @@ def test_allow_origin_with_a_scheme_is_refused_clearly(capsys):
     assert "leave out the scheme" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_bad_port_is_one_clear_line(port, capsys):
+    from explorer.cli import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["b", "--port", port])
+    assert "give 0 to 65535" in capsys.readouterr().err
+
+
 def test_cli_errors_are_clear(tmp_path, tiny_bundle_dir, capsys):
     assert main([str(tmp_path / "missing"), "--no-show"]) == 2
     assert "No bundle at" in capsys.readouterr().err

@@ -226,3 +226,10 @@ def test_manifest_names_a_local_model_by_its_absolute_path(inputs, tiny_loaded, 
     monkeypatch.chdir(tmp_path)
     build_bundle(_config(folder, tmp_path / "b", model="my-model"), loaded=tiny_loaded)
     assert load_bundle(tmp_path / "b").manifest["model"]["spec"] == str((tmp_path / "my-model").resolve())
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [("seed", -1, "--seed -1 is out of range"),
+                                                         ("n_tokens", 0, "positive number of corpus tokens")])  # fmt: skip
+def test_bad_build_options_fail_before_any_work(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        BuildConfig(sae="s", out="o", **{field: value})
