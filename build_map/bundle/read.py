@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from build_map.bundle.schema import (
@@ -50,7 +51,7 @@ class Bundle:
     @property
     def examples(self) -> pd.DataFrame:
         if self._examples is None:
-            self._examples = pq.read_table(self.path / EXAMPLES).to_pandas()
+            self._examples = _read_table(self.path / EXAMPLES)
         return self._examples
 
     def examples_for(self, feature: int) -> pd.DataFrame:
@@ -96,22 +97,36 @@ def load_bundle(path: str | Path) -> Bundle:
             f"{path} is not a complete bundle: missing {', '.join(missing)}. Rebuild it with build-map."
         )
     manifest = read_manifest(path)
-    features = pq.read_table(path / FEATURES).to_pandas()
+    features = _read_table(path / FEATURES)
     absent = [name for name in FEATURE_SCHEMA.names if name not in features.columns]
     if absent:
         raise BundleError(f"{path / FEATURES} lacks columns {', '.join(absent)}; rebuild the bundle.")
     if not (features["feature"].to_numpy() == range(len(features))).all():
         raise BundleError(f"{path / FEATURES} must hold one row per feature, in order; rebuild the bundle.")
     probed = add_probe_defaults(features)
-    clusters = pq.read_table(path / CLUSTERS).to_pandas()
+    clusters = _read_table(path / CLUSTERS)
     return Bundle(path, manifest, features, clusters, probed=probed)
+
+
+def _read_table(file: Path) -> pd.DataFrame:
+    """A Parquet table of the bundle; a truncated or corrupt file is a BundleError saying so."""
+    try:
+        return pq.read_table(file).to_pandas()
+    except (OSError, pa.ArrowException) as exc:
+        raise BundleError(
+            f"{file} cannot be read ({exc}); it may be truncated: rebuild the bundle."
+        ) from None
 
 
 def read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise BundleError(f"{path / MANIFEST} cannot be read ({exc}); rebuild the bundle.") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(
+            f"{path / MANIFEST} holds a JSON {type(manifest).__name__}, not the manifest object; rebuild the bundle."
+        )
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(

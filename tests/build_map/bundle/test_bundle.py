@@ -157,3 +157,24 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_bundle(tmp_path):
     empty.mkdir()
     assert load_bundle(_write(empty, overwrite=True)).n_features == 6  # an empty folder is fine
     assert load_bundle(_write(empty, overwrite=True)).n_features == 6  # and so is a bundle
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("manifest.json", "[1, 2]", r"holds a JSON list, not the manifest object; rebuild"),
+        ("features.parquet", None, r"features.parquet cannot be read .*truncated: rebuild"),
+        ("clusters.parquet", b"PAR1 not really", r"clusters.parquet cannot be read .*truncated: rebuild"),
+    ],
+)
+def test_a_damaged_bundle_is_one_clear_error(tmp_path, name, content, message):
+    out = _write(tmp_path / "b")
+    target = out / name
+    if content is None:  # truncated
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    elif isinstance(content, bytes):
+        target.write_bytes(content)
+    else:
+        target.write_text(content)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(out)
