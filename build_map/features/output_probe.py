@@ -6,8 +6,9 @@ hookpoint run (``build_map.lm.continuation``). Each strength gives:
 
 * ``KL``, the mean KL(steered ‖ unsteered) of the next-token distribution at the probed positions;
 * the mean gain in probability of every token: the ``n_tokens`` largest gains are
-  ``output_promotes``, and the gain they add up to is ``steerability`` (0 to 1, the share of
-  next-token probability the click moves onto the feature's own tokens);
+  ``output_promotes``, and what the largest ``n_tokens`` gains of word tokens add up to is
+  ``steerability`` (0 to 1, the share of next-token probability the click moves onto the
+  feature's own words);
 * the mean change of every token's centred log-probability: the most negative are
   ``output_suppresses`` (a probability drop would list whatever the unsteered model was about to
   say, the same for every feature).
@@ -31,17 +32,18 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from build_map.bundle.schema import PROBE_SCHEMA, add_probe_defaults
 from build_map.features.logit_lens import unlisted_ids
 from build_map.features.probe_config import CLEAR_STEERABILITY, STRENGTH_GRID, ProbeConfig, ProbeError
 from build_map.lm.continuation import ContextState, Continuation
 from build_map.lm.hookpoints import input_device
 from build_map.lm.models import LoadedModel
-from build_map.lm.tokens import MARKERS, TokenText, chat_prompt_ids
+from build_map.lm.tokens import MARKERS, TokenText, chat_prompt_ids, eos_token_ids, pad_token_id
 from build_map.sae.model import SparseAutoencoder
 
 logger = logging.getLogger(__name__)
 
-PROBE_COLUMNS = ("steer_strength", "steerability", "steer_kl", "output_promotes", "output_suppresses")
+PROBE_COLUMNS = tuple(PROBE_SCHEMA.names)
 _FULL_STEPS = 2  # search steps every feature takes; later ones only where no clear strength was found
 _CANDIDATES = 48  # tokens kept per feature and step before cleaning, deduplicating and word-first ranking
 _WORD_SHARE = 0.1  # a whole word is listed first when it scores at least this share of the best token
@@ -69,7 +71,6 @@ class _Step:
 
     strength: np.ndarray  # (F,) grid index
     kl: np.ndarray  # (F,)
-    gain: np.ndarray  # (F,) probability gained by the top n_tokens promoted tokens
     promote_ids: np.ndarray  # (F, _CANDIDATES)
     promote_score: np.ndarray
     suppress_ids: np.ndarray
@@ -142,7 +143,7 @@ def _contexts(loaded: LoadedModel, cfg: ProbeConfig) -> list[tuple[list[int], li
                 out = model.generate(
                     input_ids=torch.tensor([ids], device=input_device(model)), do_sample=False,
                     max_new_tokens=depth, min_new_tokens=depth,
-                    pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                    pad_token_id=pad_token_id(tokenizer, eos_token_ids(model, tokenizer)),
                 )  # fmt: skip
             reply = out[0, len(ids) :].tolist()
         text = ids + reply
@@ -172,7 +173,7 @@ class _Measure:
             return _Step(index.copy(), *measured)
         step = copy.deepcopy(previous)
         step.strength[rows] = index[rows]
-        for name, values in zip(("kl", "gain", "promote_ids", "promote_score", "suppress_ids", "suppress_score"),
+        for name, values in zip(("kl", "promote_ids", "promote_score", "suppress_ids", "suppress_score"),
                                 measured, strict=True):  # fmt: skip
             getattr(step, name)[rows] = values
         return step
@@ -204,10 +205,7 @@ class _Measure:
         shifted[:, self.excluded] = math.inf
         top = gained.topk(_CANDIDATES, dim=1)
         bottom = shifted.topk(_CANDIDATES, dim=1, largest=False)
-        gain = top.values[:, : self.cfg.n_tokens].clamp(min=0).sum(1)
-        return tuple(
-            t.cpu().numpy() for t in (kl, gain, top.indices, top.values, bottom.indices, bottom.values)
-        )
+        return tuple(t.cpu().numpy() for t in (kl, top.indices, top.values, bottom.indices, bottom.values))
 
 
 def clear_share(features: pd.DataFrame) -> float:
@@ -228,9 +226,8 @@ def _next_index(steps: list[_Step], cfg: ProbeConfig) -> np.ndarray:
     strength not tested yet (one step further in the same direction when it was)."""
     last = steps[-1]
     ratio = cfg.target_kl / np.maximum(last.kl, 1e-6)
-    jump = np.clip(np.rint(np.log2(ratio)), -cfg.max_jump, cfg.max_jump).astype(
-        int
-    )  # √2 grid: log2(KL ratio)
+    # KL ∝ strength² and the grid is √2 apart, so log2 of the KL ratio is the number of grid steps.
+    jump = np.clip(np.rint(np.log2(ratio)), -cfg.max_jump, cfg.max_jump).astype(int)
     jump[jump == 0] = np.where(last.kl[jump == 0] < cfg.clear_kl, 1, -1)
     top = len(STRENGTH_GRID) - 1
     proposal = np.clip(last.strength + jump, 0, top)
@@ -320,13 +317,6 @@ def _special_ids(tokenizer, vocab: int) -> set[int]:
 
 
 def _empty_frame(d_sae: int) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "feature": np.arange(d_sae, dtype=np.int32),
-            "steer_strength": np.full(d_sae, np.nan, dtype=np.float32),
-            "steerability": np.full(d_sae, np.nan, dtype=np.float32),
-            "steer_kl": np.full(d_sae, np.nan, dtype=np.float32),
-            "output_promotes": [[] for _ in range(d_sae)],
-            "output_suppresses": [[] for _ in range(d_sae)],
-        }
-    )
+    frame = pd.DataFrame({"feature": np.arange(d_sae, dtype=np.int32)})
+    add_probe_defaults(frame)
+    return frame

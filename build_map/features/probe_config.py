@@ -55,9 +55,8 @@ class ProbeConfig:
     writes (the start alone lists mostly "I", "The", "Sure")."""
     clear_kl: float = 0.5
     """KL (nats) at which a strength's effect counts as clear. Set on the dev prompts and features
-    of ``bench/bench_steer_probe.py --dev`` (never the bench's): 1.0 steered 72% of random demo
-    features visibly at a median coherence drop of 1.24 nats/token, 0.5 56% at 1.15, 0.25 41% at
-    0.75."""
+    of ``bench/bench_steer_probe.py --dev`` (never the bench's); the figures are in
+    docs/ARCHITECTURE.md, "One click must steer"."""
     collapse_kl: float = 4.0
     """KL (nats) above which the distribution counts as collapsed."""
     target_kl: float = 0.65

@@ -85,7 +85,7 @@ class Continuation:
             cache = out.cache if "cache" in out else out.past_key_values
             positions = torch.arange(len(prefix_ids), len(prefix_ids) + len(new_ids), device=device)[None]
             with capturing(self.model, self.hookpoint) as seen:
-                logits = self._call(copy.deepcopy(cache), positions, input_ids=new).logits
+                logits = self._call(_batch_cache(cache, 1), positions, input_ids=new).logits
         state = ContextState(cache, new, positions, seen[0][0].detach(), logits[0].float())
         if self.shortcut and not self._agrees(state):
             logger.warning(
@@ -126,8 +126,9 @@ class Continuation:
         return self.model(position_ids=positions, use_cache=True, **{self._cache_arg: cache}, **inputs)
 
     def _agrees(self, state: ContextState) -> bool:
-        cache = copy.deepcopy(state.cache)
-        shortcut = self._after_hookpoint(state.residual[None], cache, state.positions)[0].float()
+        shortcut = self._after_hookpoint(state.residual[None], _batch_cache(state.cache, 1), state.positions)[
+            0
+        ].float()
         scale = float(state.logits.abs().max().clamp(min=1.0))
         return bool(((shortcut - state.logits).abs().max() / scale) <= _AGREEMENT)
 

@@ -159,7 +159,7 @@ def scope_positions(
     special = torch.isin(padded_ids, torch.as_tensor(list(special_ids), dtype=padded_ids.dtype))
     rows = []
     for r, scope in enumerate(scopes):
-        row = mask[r].bool() & (torch.ones_like(special[r]) if scope.prompt else torch.zeros_like(special[r]))
+        row = mask[r].bool() if scope.prompt else torch.zeros_like(special[r])
         if not scope.special_tokens:
             row &= ~special[r]
         row[-1] = True

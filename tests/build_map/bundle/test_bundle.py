@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from build_map.bundle.read import load_bundle
-from build_map.bundle.schema import BundleError, cluster_columns
+from build_map.bundle.schema import PROBE_SCHEMA, BundleError, cluster_columns
 from build_map.bundle.write import write_bundle
 
 
@@ -127,8 +127,7 @@ def test_bundles_built_before_the_probe_open_with_the_default_click(tmp_path):
 
     out = _write(tmp_path / "old")
     table = pq.read_table(out / "features.parquet")
-    probe_columns = ["steer_strength", "steerability", "steer_kl", "output_promotes", "output_suppresses"]
-    pq.write_table(table.drop_columns(probe_columns), out / "features.parquet")
+    pq.write_table(table.drop_columns(PROBE_SCHEMA.names), out / "features.parquet")
     old = load_bundle(out)
     assert not old.probed and old.features["steer_strength"].isna().all()
     assert old.features["output_promotes"].map(len).eq(0).all()

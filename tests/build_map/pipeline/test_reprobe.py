@@ -7,17 +7,16 @@ import shutil
 import pyarrow.parquet as pq
 
 from build_map.bundle.read import load_bundle
+from build_map.bundle.schema import PROBE_SCHEMA
 from build_map.cli.main import main
 from build_map.steering.click import is_calibrated
-
-PROBE_COLUMNS = ["steer_strength", "steerability", "steer_kl", "output_promotes", "output_suppresses"]
 
 
 def test_probe_calibrates_an_old_bundle_in_place(tiny_bundle_dir, tmp_path, capsys):
     bundle_dir = tmp_path / "old"
     shutil.copytree(tiny_bundle_dir, bundle_dir)
     table = pq.read_table(bundle_dir / "features.parquet")
-    pq.write_table(table.drop_columns(PROBE_COLUMNS), bundle_dir / "features.parquet")
+    pq.write_table(table.drop_columns(PROBE_SCHEMA.names), bundle_dir / "features.parquet")
     old = load_bundle(bundle_dir)
     assert not old.probed and not is_calibrated(old, 3)
 
