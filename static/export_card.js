@@ -263,6 +263,8 @@
       density: a.density[k],
       max_act: floatAt('max_act', k),
       mean_act: floatAt('mean_act', k),
+      detection: a.detection ? a.detection[k] : NaN,
+      fuzzing: a.fuzzing ? a.fuzzing[k] : NaN,
       top_tokens: take(a.n_top_tokens[k]),
       top_logits: take(a.n_top_logits[k]),
       bottom_logits: take(a.n_bottom_logits[k]),
@@ -375,6 +377,9 @@
     const stats = el('div', 'sae-stats');
     stats.append(stat('density', fmtPercent(card.density)), stat('max act', fmtAct(card.max_act)));
     stats.append(stat('mean act', fmtAct(card.mean_act)));
+    // label scores on held-out examples (build-map score): chance is 2.5/10 and 5/10
+    if (Number.isFinite(card.detection)) stats.append(stat('detection', (10 * card.detection).toFixed(1) + '/10 (chance 2.5)'));
+    if (Number.isFinite(card.fuzzing)) stats.append(stat('fuzzing', (10 * card.fuzzing).toFixed(1) + '/10 (chance 5)'));
     root.append(stats);
 
     if (card.top_tokens.length) root.append(chips('Fires most on', card.top_tokens, 'sae-chip-top'));

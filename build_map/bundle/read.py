@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from build_map.bundle.label_edits import (
+    LabelEditsError,
+    label_edits_path,
+    read_label_edits,
+    save_label_edit,
+    set_label,
+)
 from build_map.bundle.schema import (
     CLUSTERS,
     EXAMPLES,
@@ -22,8 +30,11 @@ from build_map.bundle.schema import (
     REQUIRED_FILES,
     BundleError,
     add_probe_defaults,
+    add_score_defaults,
     cluster_columns,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +46,8 @@ class Bundle:
     probed: bool = True
     """Whether the output-effect probe ran (bundles built before it have no steer_strength)."""
     _examples: pd.DataFrame | None = field(default=None, repr=False)
+    built_labels: dict[int, tuple[str, str]] = field(default_factory=dict, repr=False)
+    """(label, label_source) as built, of each feature whose label the user edited (``edit_label``)."""
 
     @property
     def n_features(self) -> int:
@@ -73,6 +86,22 @@ class Bundle:
         match = labels.str.contains(query, regex=False).to_numpy() & ~self.features["hidden"].to_numpy(bool)
         return [int(i) for i in np.flatnonzero(match)]
 
+    def edit_label(self, feature: int, label: str) -> str:
+        """Save the user's ``label`` for ``feature`` beside the bundle (``label_edits``) and show it
+        here at once; "" (or the built label itself) restores the built label. ``label`` should be
+        cleaned first (``labels.text.clean_label``). Returns the label now shown."""
+        self.check_feature(feature)
+        feature = int(feature)
+        if bool(self.features["hidden"].iat[feature]):
+            raise LabelEditsError(f"Feature {feature} is hidden in this bundle; its label cannot be edited.")
+        label = label.strip()
+        built = self.built_labels.get(feature, (self.features["label"].iat[feature], None))[0]
+        if label == str(built or "").strip():
+            label = ""
+        save_label_edit(self.path, feature, label, self.n_features)
+        set_label(self.features, self.built_labels, feature, label)
+        return str(self.features["label"].iat[feature] or "")
+
     def check_feature(self, feature: int) -> None:
         if not 0 <= int(feature) < self.n_features:
             raise BundleError(
@@ -85,7 +114,9 @@ def _bucket_order(bucket: str) -> float:
     return -1e9 if bucket == "top" else -float(bucket.lstrip("q") or 0)
 
 
-def load_bundle(path: str | Path) -> Bundle:
+def load_bundle(path: str | Path, *, label_edits: bool = True) -> Bundle:
+    """The bundle at ``path``, with the user's label edits beside it applied (``label_edits=False``:
+    the labels as built, for code that rewrites the bundle)."""
     path = Path(path)
     if not path.is_dir():
         raise BundleError(
@@ -104,8 +135,25 @@ def load_bundle(path: str | Path) -> Bundle:
     if not (features["feature"].to_numpy() == range(len(features))).all():
         raise BundleError(f"{path / FEATURES} must hold one row per feature, in order; rebuild the bundle.")
     probed = add_probe_defaults(features)
+    add_score_defaults(features)
     clusters = _read_table(path / CLUSTERS)
-    return Bundle(path, manifest, features, clusters, probed=probed)
+    bundle = Bundle(path, manifest, features, clusters, probed=probed)
+    if label_edits:
+        _apply_label_edits(bundle)
+    return bundle
+
+
+def _apply_label_edits(bundle: Bundle) -> None:
+    """The saved edits, or none with a warning: a bad edits file must not keep the bundle shut."""
+    try:
+        edits = read_label_edits(bundle.path, bundle.n_features)
+    except LabelEditsError as exc:
+        logger.warning("%s Opening the bundle with its built labels.", exc)
+        return
+    for feature, label in edits.items():
+        set_label(bundle.features, bundle.built_labels, feature, label)
+    if edits:
+        logger.info("Applied %d label edit(s) from %s", len(edits), label_edits_path(bundle.path))
 
 
 def _read_table(file: Path) -> pd.DataFrame:

@@ -2,7 +2,7 @@
 
 BUNDLE/
   manifest.json     how the bundle was made (model, hookpoint, SAE source/format/sha256, ...)
-  features.parquet  one row per feature (FEATURE_SCHEMA, PROBE_SCHEMA, cluster_0..cluster_{L-1} coarse→fine)
+  features.parquet  one row per feature (FEATURE_SCHEMA, PROBE_SCHEMA, SCORE_SCHEMA, cluster_0..cluster_{L-1} coarse→fine)
   examples.parquet  activating contexts per feature (EXAMPLE_SCHEMA)
   clusters.parquet  one row per named cluster per level (CLUSTER_SCHEMA)
   map.html          the DataMapPlot map
@@ -50,6 +50,15 @@ PROBE_SCHEMA = pa.schema(
         ("output_suppresses", pa.list_(pa.string())),  # ... and less likely
     ]
 )
+# How well each label describes its feature on held-out examples (build_map.labels.scores). Bundles
+# built before the scores lack these columns; they open with SCORE defaults (NaN: not scored).
+SCORE_SCHEMA = pa.schema(
+    [
+        ("detection", pa.float32()),  # label picks the feature's example among its neighbours', 0..1
+        ("fuzzing", pa.float32()),  # label picks the words the feature fires on in an example, 0..1
+        ("label_judge", pa.string()),  # who judged: "offline-overlap", an LLM's name
+    ]
+)
 EXAMPLE_SCHEMA = pa.schema(
     [
         ("feature", pa.int32()),
@@ -86,6 +95,16 @@ def add_probe_defaults(features: pd.DataFrame) -> bool:
     return probed
 
 
+def add_score_defaults(features: pd.DataFrame) -> bool:
+    """Give a feature table without label scores NaN scores and no judge, in place; True when some
+    feature was scored."""
+    scored = "detection" in features.columns and bool(features["detection"].notna().any())
+    for name in SCORE_SCHEMA.names:
+        if name not in features.columns:
+            features[name] = None if name == "label_judge" else float("nan")
+    return scored
+
+
 class BundleError(ValueError):
     """A bundle is missing, incomplete, of another version, or would be overwritten."""
 
@@ -97,7 +116,7 @@ def cluster_columns(features: pd.DataFrame) -> list[str]:
 
 
 def features_schema(n_levels: int) -> pa.Schema:
-    schema = pa.unify_schemas([FEATURE_SCHEMA, PROBE_SCHEMA])
+    schema = pa.unify_schemas([FEATURE_SCHEMA, PROBE_SCHEMA, SCORE_SCHEMA])
     for level in range(n_levels):
         schema = schema.append(pa.field(f"cluster_{level}", pa.string()))
     return schema

@@ -22,6 +22,7 @@ from build_map.bundle.schema import (
     MANIFEST,
     BundleError,
     add_probe_defaults,
+    add_score_defaults,
     cluster_columns,
     features_schema,
 )
@@ -66,11 +67,13 @@ def write_bundle(
     """Write every file into a temporary sibling folder, then rename it into place.
 
     ``render_map(folder)`` writes map.html into the temporary folder. A feature table without the
-    probe's columns is written as not probed (``add_probe_defaults``).
+    probe's columns is written as not probed (``add_probe_defaults``), one without label scores as
+    not scored.
     """
     out = check_can_write(out, overwrite)
     features = features.copy()
     add_probe_defaults(features)
+    add_score_defaults(features)
     n_levels = len(cluster_columns(features))
     with atomic_folder(out) as tmp:
         _write_table(features, features_schema(n_levels), tmp / FEATURES)
@@ -78,7 +81,7 @@ def write_bundle(
         _write_table(clusters, CLUSTER_SCHEMA, tmp / CLUSTERS)
         render_map(tmp)
         (tmp / MANIFEST).write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION}, indent=2))
-        load_bundle(tmp)  # never publish a bundle the explorer cannot read
+        load_bundle(tmp, label_edits=False)  # never publish a bundle the explorer cannot read
     return out
 
 

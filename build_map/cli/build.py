@@ -30,7 +30,10 @@ def add_build(subparsers: argparse._SubParsersAction) -> None:
                         "chitchat, chatterbot, .jsonl or text files (default: chitchat,chatterbot)")  # fmt: skip
     add_config_argument(parser, BuildConfig, "labels", "--labels")
     add_config_argument(parser, BuildConfig, "hide", "--hide")
-    add_config_argument(parser, BuildConfig, "llm_labels", "--llm-labels", action="store_true")
+    add_config_argument(parser, BuildConfig, "labeler", "--labeler")
+    add_config_argument(parser, BuildConfig, "judge", "--judge")
+    add_config_argument(parser, BuildConfig, "score", "--no-score", action="store_false",
+                        help="skip scoring the labels (detection and fuzzing on held-out examples)")  # fmt: skip
     add_config_argument(parser, BuildConfig, "device", "--device")
     add_config_argument(parser, BuildConfig, "overwrite", "--overwrite", action="store_true")
     add_config_argument(parser, BuildConfig, "title", "--title")

@@ -6,11 +6,12 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from build_map.cli import build, export, sweep, train
+from build_map.cli import build, export, labels, sweep, train
 from build_map.cli.base import run_command, setup_logging
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    train.add, build.add_build, build.add_probe, build.add_demo, export.add, sweep.add,
+    train.add, build.add_build, build.add_probe, labels.add_label, labels.add_score, build.add_demo,
+    export.add, sweep.add,
 ]  # fmt: skip
 
 

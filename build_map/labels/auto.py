@@ -1,44 +1,19 @@
-"""Automatic labels from a feature's statistics, with no LLM: the words it fires on in its
-examples, and the words its decoder direction promotes."""
+"""Word-level evidence for automatic labels (``build_map.labels.contexts``): the words a feature
+fires on in its examples (sub-word tokens glued into the words around them, weighted by activation
+and by TF-IDF with features as documents, so " the" everywhere loses to "pizza"), and which
+output tokens are whole words seen in the examples (logit-lens fragments such as "outheastern"
+are no words)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
 
-from build_map.labels.text import DEAD_LABEL, MAX_AUTO_CHARS, NO_EVIDENCE_LABEL, clean_label, label_token
+from build_map.labels.text import MAX_AUTO_CHARS, NO_EVIDENCE_LABEL, label_token
 from build_map.lm.tokens import MARKERS
-
-
-def auto_labels(features_df: pd.DataFrame, examples_df: pd.DataFrame) -> list[str]:
-    """One short readable label per feature, in ``features_df`` order; ``"dead feature"`` if dead.
-
-    Activating side: the words the feature fires on in its examples (a sub-word token is shown as
-    the whole word around it: "strugg" in " struggle" reads 'struggle'), weighted by activation and
-    by how rare they are among other features' activating words (TF-IDF with features as
-    documents), so a feature firing on " the" everywhere does not win over one specific to "pizza".
-    Output side: the first tokens its decoder direction promotes (the logit lens) that occur as
-    whole words in the examples; logit-lens fragments such as "outheastern" are left out, and the
-    side is dropped when none is a word (common for middle layers of small models).
-    """
-    words, known = _example_words(examples_df)
-    fires_on = _characteristic_words(words)
-    labels: list[str] = []
-    taken: set[str] = set()
-    for feature, dead, top_logits in zip(
-        features_df["feature"], features_df["dead"], features_df["top_logits"], strict=True
-    ):
-        if bool(dead):
-            labels.append(DEAD_LABEL)
-            continue
-        promotes = _wordy(top_logits, known)
-        label = _unique(_label_variants(fires_on.get(int(feature), []), promotes), taken)
-        taken.add(label)
-        labels.append(label)
-    return labels
 
 
 def _token_traits(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -142,21 +117,6 @@ def _wordy(tokens: Iterable[str] | None, known: set[str], limit: int = 3) -> lis
         if len(shown) == limit:
             break
     return shown
-
-
-def _label_variants(fires_on: list[str], promotes: list[str]) -> Iterator[str]:
-    """Labels from short to detailed; the first one not used by another feature is chosen."""
-    for n_in in range(1, max(len(fires_on), 1) + 1):
-        for n_out in range(min(len(promotes), 2), len(promotes) + 1):
-            left = " / ".join(f"'{t}'" for t in fires_on[:n_in])
-            right = ", ".join(promotes[:n_out])
-            if left and right:
-                text = f"{left} → {right}"
-            elif left or right:
-                text = left or f"→ {right}"
-            else:
-                text = NO_EVIDENCE_LABEL
-            yield clean_label(text, MAX_AUTO_CHARS)
 
 
 def _unique(variants: Iterable[str], taken: set[str]) -> str:

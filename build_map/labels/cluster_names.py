@@ -93,6 +93,7 @@ class _LabelIndex:
     vocab: list[str]
     doc_term: sparse.csr_matrix  # (n_features, n_terms): 1 where feature i's label holds term t
     surface: dict[str, str]  # lower-cased word -> its most common spelling ("DNA", "Python")
+    words: list[list[str]]  # every label's lower-cased words, stopwords too (for the fallback name)
 
 
 def _content_runs(words: list[str], stop: frozenset[str]) -> list[list[str]]:
@@ -112,10 +113,12 @@ def _index_labels(labels: Sequence[object]) -> _LabelIndex:
     vocab: dict[str, int] = {}
     spellings: dict[str, Counter[str]] = {}
     rows, cols = [], []
+    all_words: list[list[str]] = [[] for _ in labels]
     for i, label in enumerate(labels):
         if not isinstance(label, str):  # None, NaN: no terms
             continue
         words = WORD.findall(AUTO_LABEL_COUNTER.sub("", label))
+        all_words[i] = [w.lower() for w in words] or ([label.strip()] if label.strip() else [])
         for word in words:
             spellings.setdefault(word.lower(), Counter())[word] += 1
         terms: set[str] = set()
@@ -126,7 +129,7 @@ def _index_labels(labels: Sequence[object]) -> _LabelIndex:
         cols.extend(vocab.setdefault(term, len(vocab)) for term in terms)
     doc_term = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(labels), len(vocab)))
     surface = {low: c.most_common(1)[0][0] for low, c in spellings.items()}
-    return _LabelIndex(list(vocab), doc_term, surface)
+    return _LabelIndex(list(vocab), doc_term, surface, all_words)
 
 
 def _class_term_counts(
@@ -246,14 +249,28 @@ def _name_level(
         for c, cands in zip(clusters, _ranked_candidates(counts, index.vocab, sizes), strict=True)
     ]
     chosen = [_compose(cands, max_words, max_terms, min_relative_score) for cands in ranked]
+    for i, c in enumerate(clusters):
+        if not chosen[i] and c != -1:
+            chosen[i] = _shared_words(index, np.flatnonzero(cluster_ids == c))
     names = _distinct_names(clusters, sizes, ranked, chosen, index.surface, max_words)
     return {int(c): names[i] for i, c in enumerate(clusters)}
+
+
+def _shared_words(index: _LabelIndex, members: np.ndarray) -> list[_Candidate]:
+    """The fallback name of a region whose labels share no content word: the word most of its
+    members' labels hold, stopwords and tokens such as "↵" included ("the", "of"), as one term."""
+    counts = Counter(w for m in members.tolist() for w in dict.fromkeys(index.words[m]))
+    if not counts:
+        return [_Candidate("no labels", frozenset({"no", "labels"}), 0.0)]
+    top = counts.most_common(1)[0][1]
+    best = [w for w, n in counts.most_common(2) if n >= top / 2]
+    return [_Candidate(" / ".join(best), frozenset(best), 0.0)]
 
 
 def _base_name(cid: int, chosen: list[_Candidate], surface: Mapping[str, str]) -> str:
     if cid == -1:
         return "unclustered"
-    return _render(chosen, surface) if chosen else f"cluster {cid}"
+    return _render(chosen, surface)
 
 
 def _distinct_names(

@@ -25,14 +25,14 @@ from build_map.features.stats import compute_feature_stats
 from build_map.geometry.clusters import ClusterConfig, cluster_levels, cluster_parents
 from build_map.geometry.config import ProjectConfig
 from build_map.geometry.projection import project_directions, trustworthiness_sample
-from build_map.labels.auto import auto_labels
 from build_map.labels.cluster_names import name_levels
 from build_map.labels.files import read_hide_file, read_label_file
-from build_map.labels.llm import llm_labels
-from build_map.labels.text import apply_labels, topic_words
+from build_map.labels.scores import ScoreSummary
+from build_map.labels.text import topic_words
 from build_map.lm.corpus import CorpusConfig, token_sequences
 from build_map.lm.hookpoints import d_model, default_hookpoint, normalize_hookpoint
 from build_map.lm.models import LoadedModel, load_model
+from build_map.pipeline.label_stage import check_spec, judge_for, label_features, score_stage
 from build_map.pipeline.manifest import build_manifest
 from build_map.pipeline.probe_stage import probe_stage
 from build_map.render.map_page import render_map_html
@@ -57,11 +57,18 @@ class BuildConfig:
     corpus: tuple[str, ...] = ("chitchat", "chatterbot")
     """Corpus sources: chitchat, chatterbot, or .jsonl / text files."""
     labels: str | None = None
-    """CSV/JSON/Parquet with feature,label; these labels win over automatic ones."""
+    """CSV/JSON/Parquet with feature,label; these labels win over automatic ones. The explorer's
+    label edits (NAME.labels.csv beside the bundle NAME) are such a file."""
     hide: str | None = None
     """Features to moderate out: kept in the bundle as hidden, not drawn, not steerable."""
-    llm_labels: bool = False
-    """Label features with an OpenAI-compatible endpoint (SAE_MAP_LLM_URL / _KEY / _MODEL)."""
+    labeler: str = "offline"
+    """Who labels features: offline (what the activating contexts share; no model), self (the
+    bundle's own chat model, e.g. Llama-3.1-8B-Instruct on a GPU) or the URL of an OpenAI-compatible
+    endpoint (a local vLLM, llama.cpp or Ollama server; model from $SAE_MAP_LLM_MODEL)."""
+    judge: str = "offline"
+    """Who scores the labels (detection, fuzzing on held-out examples): offline, self or a URL."""
+    score: bool = True
+    """Score every label (cheap with the offline judge)."""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda."""
     overwrite: bool = False
@@ -81,6 +88,8 @@ class BuildConfig:
             )
         if self.n_tokens < 1:
             raise ValueError(f"--tokens {self.n_tokens}: give a positive number of corpus tokens.")
+        check_spec(self.labeler, "--labeler")
+        check_spec(self.judge, "--judge")
 
 
 @dataclass
@@ -96,6 +105,7 @@ class BuildSummary:
     clear_share: float | None = None
     """Share of probed features with a clear effect at their steer_strength (None: not probed)."""
     n_probed: int = 0
+    scores: ScoreSummary | None = None
 
     def lines(self) -> list[str]:
         stages = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.stage_seconds.items())
@@ -105,6 +115,7 @@ class BuildSummary:
             f"clusters per level (coarse→fine): {' / '.join(map(str, self.clusters_per_level))}",
             f"trustworthiness (k=10, sample): {self.trustworthiness:.3f}",
             self._probe_line(),
+            self.scores.line() if self.scores else "label scores: not run",
             f"time: {stages}; total {sum(self.stage_seconds.values()):.1f}s",
         ]
 
@@ -141,8 +152,12 @@ def build_bundle(cfg: BuildConfig, loaded: LoadedModel | None = None) -> BuildSu
         stats_cfg = StatsConfig(n_tokens=cfg.n_tokens, seed=cfg.seed)
         stats = compute_feature_stats(inputs.loaded, inputs.sae, inputs.hookpoint, sequences, stats_cfg)
     with stage("labels"):
-        features = _labelled(stats.features, stats.examples, inputs.imported, cfg.llm_labels)
+        features = label_features(stats.features, stats.examples, inputs.imported, cfg.labeler, inputs.loaded)
         features["hidden"] = features["feature"].isin(inputs.hidden)
+    scores = None
+    if cfg.score:
+        with stage("scores"):
+            features, scores = score_stage(features, stats.examples, judge_for(cfg.judge, inputs.loaded))
     probe_cfg = ProbeConfig()
     probe = None
     if cfg.probe:
@@ -156,11 +171,13 @@ def build_bundle(cfg: BuildConfig, loaded: LoadedModel | None = None) -> BuildSu
     cluster_cfg = ClusterConfig(seed=cfg.seed)
     with stage("clusters"):
         levels = cluster_levels(directions, xy, cluster_cfg)
-        features, clusters = _named_clusters(features, xy, levels)
+        features, clusters = named_clusters(features, xy, levels)
     configs = {"project": project_cfg, "cluster": cluster_cfg, **({"probe": probe_cfg} if probe else {})}
     manifest = build_manifest(cfg, inputs.loaded, inputs.sae, inputs.hookpoint, stats, corpus, configs, trust)
     if probe:
         manifest["probe"] = probe.manifest()
+    if scores:
+        manifest["label_scores"] = scores.manifest()
     with stage("map"):
         title = cfg.title or f"{inputs.loaded.spec} · {inputs.hookpoint} · {inputs.sae.d_sae:,} SAE features"
         write_bundle(out, manifest=manifest, features=features, examples=stats.examples, clusters=clusters,
@@ -176,6 +193,7 @@ def build_bundle(cfg: BuildConfig, loaded: LoadedModel | None = None) -> BuildSu
         stage_seconds=stage.seconds,
         clear_share=clear_share(features) if probe else None,
         n_probed=probe.n_probed if probe else 0,
+        scores=scores,
     )
 
 
@@ -222,12 +240,7 @@ def _sequences(loaded: LoadedModel, corpus: CorpusConfig, n_tokens: int) -> list
     return sequences
 
 
-def _labelled(features: pd.DataFrame, examples: pd.DataFrame, imported: pd.Series | None, use_llm: bool):
-    llm = llm_labels(features, examples, features=features.index[~features["dead"]]) if use_llm else None
-    return apply_labels(features, auto_labels(features, examples), imported=imported, llm=llm)
-
-
-def _named_clusters(
+def named_clusters(
     features: pd.DataFrame, xy: np.ndarray, levels: list[np.ndarray]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Name every level's clusters from the members' labels; the features with their coordinates

@@ -21,7 +21,7 @@ def reprobe_bundle(
 ) -> tuple[ProbeSummary, float]:
     """Probe the bundle at ``path`` in place (an atomic rewrite); the probe's summary and the share
     of features that steer clearly."""
-    bundle = load_bundle(path)
+    bundle = load_bundle(path, label_edits=False)  # the user's label edits stay beside it, not baked in
     cfg = cfg or ProbeConfig()
     loaded, sae, hookpoint = load_parts(bundle, device)
     features, summary = probe_stage(loaded, sae, hookpoint, bundle.features, cfg)

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import panel as pn
 
+from build_map.bundle.label_edits import EDITED, LabelEditsError, label_edits_path
 from build_map.bundle.read import Bundle
+from build_map.labels.text import MAX_LABEL_CHARS, clean_label
 from build_map.steering.click import click_strength, is_calibrated
 from build_map.steering.engine import SteeringEngine
 from build_map.steering.links import DeepLink, open_link
@@ -31,7 +33,17 @@ from explorer.ui.attribution_panel import AttributionPanel
 from explorer.ui.chat import ChatPanel
 from explorer.ui.components import LinkedHTML, MapView
 from explorer.ui.edits import EditsPanel
-from explorer.ui.html import CSS, SORTS, esc, feature_link, feature_name, render_card, sort_features
+from explorer.ui.html import (
+    CSS,
+    SORTS,
+    esc,
+    feature_link,
+    feature_name,
+    muted,
+    notice,
+    render_card,
+    sort_features,
+)
 from explorer.ui.recipe_panel import RecipePanel, Settings
 from explorer.ui.sweep_panel import SweepPanel
 
@@ -94,6 +106,12 @@ class ExplorerSession:
         self.notice = pn.pane.HTML("", stylesheets=[CSS], sizing_mode="stretch_width", margin=(0, 5))
         self.add_button = pn.widgets.Button(label="Add to edits", color="primary", disabled=True, width=130)
         self.add_hint = pn.pane.HTML("", stylesheets=[CSS], sizing_mode="stretch_width", margin=(8, 5))
+        self.label_input = pn.widgets.TextInput(
+            placeholder="Your label (empty: the built one)", max_length=MAX_LABEL_CHARS,
+            sizing_mode="stretch_width", disabled=True,
+        )  # fmt: skip
+        self.label_save = pn.widgets.Button(label="Save label", disabled=True, width=100)
+        self.label_hint = pn.pane.HTML("", stylesheets=[CSS], sizing_mode="stretch_width", margin=(0, 5))
         self.search = pn.widgets.TextInput(placeholder="Search feature labels…", sizing_mode="stretch_width")
         self.search_results = LinkedHTML(html="", sizing_mode="stretch_width")
         self.sort_by = pn.widgets.RadioButtonGroup(
@@ -128,6 +146,8 @@ class ExplorerSession:
         for source in (self.card, self.search_results, self.edits, self.chat, self.attribution):
             source.param.watch(lambda event: self.select(event.new, focus=True), "clicked")
         self.add_button.on_click(lambda event: self.add_selected())
+        self.label_save.on_click(lambda event: self.save_label())
+        self.label_input.param.watch(lambda event: self.save_label(), "enter_pressed")
         self.search.param.watch(lambda event: self.run_search(event.new), "value_input")
         self.sort_by.param.watch(lambda event: self.run_search(self.search.value_input), "value")
         self.edits.param.watch(lambda event: self._update_add_button(), "count")
@@ -144,6 +164,7 @@ class ExplorerSession:
         self.selected = int(feature)
         self.card.html = render_card(self.bundle, self.selected)
         self._update_add_button()
+        self._update_label_editor()
         self.sweep.selection_changed(self.selected)
         if focus and not bool(self.bundle.features.iloc[self.selected]["hidden"]):
             self.map.focus_on(self.selected)
@@ -158,6 +179,30 @@ class ExplorerSession:
         if strength is None:
             strength = click_strength(self.bundle, int(self.selected))
         self.edits.add(Edit(int(self.selected), strength, mode))
+        return True
+
+    def save_label(self, text: str | None = None) -> bool:
+        """Save ``text`` (default: the label box) as the selected feature's label, beside the
+        bundle; "" restores the built label. The card, search results and names show it at once;
+        False (with the reason shown) when refused or the file cannot be written."""
+        feature = self.selected
+        if feature is None or bool(self.bundle.features["hidden"].iat[feature]):
+            reason = "Select a feature first." if feature is None else "Hidden features cannot be edited."
+            self.label_hint.object = muted(reason)
+            return False
+        text = self.label_input.value_input if text is None else text
+        try:
+            shown = self.bundle.edit_label(feature, clean_label(text or ""))
+        except (LabelEditsError, OSError) as exc:
+            self.label_hint.object = notice("error", f"Label not saved: {exc}")
+            return False
+        self.card.html = render_card(self.bundle, feature)
+        self.run_search(self.search.value_input or "")
+        self._update_add_button()
+        self._update_label_editor()
+        where = label_edits_path(self.bundle.path).name
+        done = f"Saved in {where}." if feature in self.bundle.built_labels else "Built label restored."
+        self.label_hint.object = muted(f"{done} Now: {shown or '(no label)'}")
         return True
 
     def run_search(self, query: str) -> list[int]:
@@ -221,6 +266,20 @@ class ExplorerSession:
             return f"At most {self.engine.limits.max_edits} edits at once; remove one first."
         return ""
 
+    def _update_label_editor(self) -> None:
+        feature = self.selected
+        editable = feature is not None and not bool(self.bundle.features["hidden"].iat[feature])
+        self.label_input.disabled = self.label_save.disabled = not editable
+        label = str(self.bundle.features["label"].iat[feature] or "") if editable else ""
+        self.label_input.value = self.label_input.value_input = label  # value_input: what Save reads
+        if not editable:
+            self.label_hint.object = ""
+        elif self.bundle.features["label_source"].iat[feature] == EDITED:
+            built = self.bundle.built_labels[feature][0] or "(no label)"
+            self.label_hint.object = muted(f"Edited by you; empty and save to restore “{built}”.")
+        else:
+            self.label_hint.object = muted("Edit the label and save; it is kept beside the bundle.")
+
     def _update_add_button(self) -> None:
         reason = self._cannot_add(self.selected)
         self.add_button.disabled = bool(reason)
@@ -272,6 +331,8 @@ class ExplorerSession:
             self.search_results,
             self.notice,
             pn.Row(self.add_button, self.add_hint, sizing_mode="stretch_width"),
+            pn.Row(self.label_input, self.label_save, sizing_mode="stretch_width"),
+            self.label_hint,
             self.card,
             width=FEATURE_COLUMN_WIDTH,
             sizing_mode="stretch_height",

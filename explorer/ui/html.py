@@ -152,7 +152,7 @@ def render_card(bundle: Bundle, feature: int) -> str:
         f'<div class="stats"><span>density <b>{float(row["density"]) * 100:.3g}%</b></span>'
         f"<span>max act <b>{max_act:.3g}</b></span>"
         f"<span>mean act <b>{float(row['mean_act']):.3g}</b></span>"
-        f'<span class="muted">label: {esc(row["label_source"])}</span></div>'
+        f'<span class="muted">label: {esc(row["label_source"])}</span>{_label_score_html(row)}</div>'
     )
     fires = _token_list("fires on", _as_list(row["top_tokens"])[:N_LOGIT_TOKENS], "fires")
     return (
@@ -162,6 +162,22 @@ def render_card(bundle: Bundle, feature: int) -> str:
         f"{_examples_html(bundle.examples_for(int(feature)), max_act)}"
         f"{_neighbours_html(bundle, row)}</div>"
     )
+
+
+def _label_score_html(row: pd.Series) -> str:
+    """How well the label held up on examples its labeller never saw (``build-map score``)."""
+    detection = float(row.get("detection", float("nan")))
+    if not np.isfinite(detection):
+        return ""
+    fuzzing = float(row.get("fuzzing", float("nan")))
+    judge = esc(row.get("label_judge") or "")
+    fuzz = f" · fuzzing <b>{10 * fuzzing:.1f}/10</b> vs 5 by chance" if np.isfinite(fuzzing) else ""
+    title = (
+        f"Judge {judge}: given the label, pick this feature's held-out example among three of its "
+        "neighbours' (detection), and the words it fires on in an example (fuzzing); 10 draws each."
+    )
+    of_built = " (of the built label)" if row.get("label_source") == "edited" else ""
+    return f'<span title="{title}">detection <b>{10 * detection:.1f}/10</b> vs 2.5 by chance{fuzz}{of_built}</span>'
 
 
 def _steering_html(bundle: Bundle, feature: int, row: pd.Series) -> str:
@@ -193,16 +209,19 @@ def _steering_html(bundle: Bundle, feature: int, row: pd.Series) -> str:
     return f"{head}{output}<details><summary>direct logit lens</summary>{lens}</details>"
 
 
-SORTS = ("relevance", "steerability")
+SORTS = ("relevance", "steerability", "label score")
 """How lists of features (search results, features of a reply) are ordered."""
+_SORT_COLUMNS = {"steerability": "steerability", "label score": "detection"}
 
 
 def sort_features(bundle: Bundle, features: Sequence[int], by: str) -> list[int]:
-    """``features`` in their own order ("relevance"), or most steerable first (not probed last)."""
-    if by != "steerability" or "steerability" not in bundle.features:
+    """``features`` in their own order ("relevance"), or most steerable first, or best-labelled
+    first (detection score); features without the figure go last, in their own order."""
+    column = _SORT_COLUMNS.get(by)
+    if column is None or column not in bundle.features:
         return list(features)
-    steerability = bundle.features["steerability"].to_numpy(dtype=float)
-    return sorted(features, key=lambda f: -np.nan_to_num(steerability[int(f)], nan=-1.0))
+    values = bundle.features[column].to_numpy(dtype=float)
+    return sorted(features, key=lambda f: -np.nan_to_num(values[int(f)], nan=-1.0))
 
 
 def render_chips(

@@ -114,6 +114,7 @@ def card(
         "density": float(a["density"][k]),
         "max_act": float(a["max_act"][k]),
         "mean_act": float(a["mean_act"][k]),
+        "detection": float(a["detection"][k]) if "detection" in a else float("nan"),
         **{name: tokens[bounds[i] : bounds[i + 1]] for i, name in enumerate(TOKEN_LISTS)},
         "examples": examples,
         "neighbors": a["neighbors"][n0:n1].astype(np.int64).tolist(),

@@ -88,6 +88,10 @@ def feature_tables(n: int = N_FEATURES) -> tuple[pd.DataFrame, pd.DataFrame, pd.
                 [] if unprobed[i] else [_WORDS[(i + 1) % len(_WORDS)], "<em>"] for i in range(n)
             ],
             "output_suppresses": [[] if unprobed[i] else ["never"] for i in range(n)],
+            # label scores; dead and hidden features are not scored
+            "detection": np.where(unprobed, np.nan, 0.25 + (np.arange(n) % 4) / 8),
+            "fuzzing": np.where(unprobed, np.nan, 0.6),
+            "label_judge": "offline-overlap",
             "cluster_0": [coarse_names[c] for c in coarse],
             "cluster_1": [f"{coarse_names[c]} / part {f}" for c, f in zip(coarse, fine, strict=True)],
         }
@@ -164,6 +168,21 @@ def _render_map(features: pd.DataFrame, folder: Path, real_map: bool) -> None:
     else:
         page = "<!doctype html><html><body>map placeholder</body></html>"
     (folder / "map.html").write_text(page, encoding="utf-8")
+
+
+def write_tables_bundle(out: Path, overwrite: bool = False) -> Path:
+    """Only the bundle of ``feature_tables`` (no model, no SAE, a placeholder map) at ``out``."""
+    features, examples, clusters = feature_tables()
+    manifest = {"model": {"id": "tiny-llama"}, "hookpoint": HOOKPOINT, "n_features": N_FEATURES}
+    return write_bundle(
+        out,
+        manifest=manifest,
+        features=features,
+        examples=examples,
+        clusters=clusters,
+        render_map=lambda folder: _render_map(features, folder, real_map=False),
+        overwrite=overwrite,
+    )
 
 
 def make_tiny_bundle(root: Path, real_map: bool = True) -> Path:

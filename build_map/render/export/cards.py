@@ -106,6 +106,8 @@ def encode_card_data(bundle: Bundle, config: ExportConfig, *, title: str = "") -
     arrays.add("density", features["density"].to_numpy(dtype=np.float32)[visible])
     arrays.add("max_act", _compact_floats(features["max_act"].to_numpy(dtype=np.float32)[visible]))
     arrays.add("mean_act", _compact_floats(features["mean_act"].to_numpy(dtype=np.float32)[visible]))
+    for score in ("detection", "fuzzing"):  # NaN: not scored
+        arrays.add(score, features[score].to_numpy(dtype=np.float32)[visible])
     cluster_names = []
     for level, column in enumerate(bundle.cluster_columns):
         codes, names = pd.factorize(features[column][visible].fillna("").astype(str))

@@ -10,7 +10,7 @@ import torch
 from build_map.bundle.schema import EXAMPLE_SCHEMA, FEATURE_SCHEMA
 from build_map.features.config import StatsConfig, StatsError
 from build_map.features.stats import compute_feature_stats
-from build_map.labels.auto import auto_labels
+from build_map.labels.contexts import context_labels
 from build_map.labels.text import DEAD_LABEL
 from build_map.lm.hookpoints import final_norm
 from build_map.lm.tokens import clean_token
@@ -230,7 +230,7 @@ def test_neighbours_by_decoder_cosine(topk_run):
 
 def test_auto_labels_on_real_stats(topk_run):
     _, _, stats = topk_run
-    labels = auto_labels(stats.features, stats.examples)
+    labels = context_labels(stats.features, stats.examples)
     assert labels[DEAD] == DEAD_LABEL
     live = [label for feature, label in enumerate(labels) if not stats.features.loc[feature, "dead"]]
     assert all(label and len(label) <= 60 for label in live)
@@ -282,7 +282,7 @@ def test_embedded_default_tables_are_readable(embedded):
     assert (live["top_logits"].map(len) == cfg.logit_k).all()
     text = "".join(stats.examples.iloc[0]["tokens"])
     assert "Ġ" not in text and len(text) > 20
-    labels = auto_labels(stats.features, stats.examples)
+    labels = context_labels(stats.features, stats.examples)
     assert len(set(labels)) == len(labels) - sum(label == DEAD_LABEL for label in labels) + min(
         1, labels.count(DEAD_LABEL)
     )

@@ -51,7 +51,7 @@ def test_empty_and_missing_labels_do_not_crash():
     labels = ["", None, float("nan"), "the of and", "", "weather reports", "weather news"]
     ids = np.array([0, 0, 0, 0, 1, 2, 2])
     names = name_clusters(labels, ids)
-    assert names[0] == "cluster 0" and names[1] == "cluster 1"
+    assert names[0] == "the / of" and names[1] == "no labels"  # never "cluster 0"
     assert "weather" in names[2].lower()
     assert name_clusters([], np.array([], dtype=int)) == {}
     assert name_clusters(["x"], np.array([-1])) == {-1: "unclustered"}

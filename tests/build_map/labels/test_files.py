@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from build_map.labels.auto import auto_labels
+from build_map.labels.contexts import context_labels
 from build_map.labels.files import LabelFileError, read_hide_file, read_label_file
 from build_map.labels.text import apply_labels
 from tests.support.label_tables import N
@@ -33,7 +33,7 @@ def test_imported_labels_win(tmp_path, label_tables, kind):
         rows.to_parquet(path)
     imported = read_label_file(path, N)
     assert imported.to_dict() == {0: "Food words", 3: "dead but named", 7: "<b>x</b>"}
-    out = apply_labels(features, auto_labels(features, examples), imported)
+    out = apply_labels(features, context_labels(features, examples), imported)
     assert out.loc[0, "label"] == "Food words" and out.loc[0, "label_source"] == "imported"
     assert out.loc[3, "label"] == "dead but named"
     assert out.loc[1, "label_source"] == "auto"

@@ -114,6 +114,10 @@ def test_the_build_probes_every_live_visible_feature(built):
     assert bundle.manifest["probe"]["n_probed"] == int(probed.sum()) == summary.n_probed
     assert bundle.manifest["build"]["probe"]["clear_kl"] > 0
     assert any(line.startswith("output probe:") and "steer clearly" in line for line in summary.lines())
+    assert any(
+        line.startswith("label scores (offline-overlap") and "above chance" in line
+        for line in summary.lines()
+    )
 
 
 def test_planted_groups_recovered_and_named_apart(built):

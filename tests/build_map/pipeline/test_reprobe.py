@@ -19,6 +19,8 @@ def test_probe_calibrates_an_old_bundle_in_place(tiny_bundle_dir, tmp_path, caps
     pq.write_table(table.drop_columns(PROBE_SCHEMA.names), bundle_dir / "features.parquet")
     old = load_bundle(bundle_dir)
     assert not old.probed and not is_calibrated(old, 3)
+    built_label = old.features.loc[3, "label"]
+    old.edit_label(3, "my own label")  # kept beside the bundle, not baked into the rewrite
 
     assert main(["probe", str(bundle_dir), "--device", "cpu"]) == 0
     assert "output probe: " in capsys.readouterr().out
@@ -29,3 +31,5 @@ def test_probe_calibrates_an_old_bundle_in_place(tiny_bundle_dir, tmp_path, caps
     assert new.manifest["probe"]["n_probed"] == int(visible.sum())
     assert new.examples.equals(old.examples) and new.clusters.equals(old.clusters)  # the rest is kept
     assert "Steerability" in (bundle_dir / "map.html").read_text(encoding="utf-8")
+    assert pq.read_table(bundle_dir / "features.parquet").column("label")[3].as_py() == built_label
+    assert new.features.loc[3, ["label", "label_source"]].tolist() == ["my own label", "edited"]

@@ -56,6 +56,7 @@ def tiny_tables(n: int = N):
             "density": rng.uniform(1e-4, 0.05, n),
             "max_act": rng.uniform(1.0, 5.0, n),
             "mean_act": rng.uniform(0.2, 1.0, n),
+            "detection": np.where(np.arange(n) % 4 == 0, np.nan, (np.arange(n) % 10) / 10),
             "top_tokens": [[TOKENS[i % 10], TOKENS[(i + 2) % 10]] for i in range(n)],
             "top_logits": [[f"up{i}", "<i>"] for i in range(n)],
             "bottom_logits": [[f"down{i}"] if i % 5 else [] for i in range(n)],
@@ -141,6 +142,7 @@ def test_one_card_per_visible_feature(exported):
         assert card["density"] == pytest.approx(row["density"], rel=1e-6)
         assert card["max_act"] == pytest.approx(row["max_act"], rel=1e-3)
         assert card["mean_act"] == pytest.approx(row["mean_act"], rel=1e-3)
+        assert card["detection"] == pytest.approx(row["detection"], nan_ok=True)
         for name in ("top_tokens", "top_logits", "bottom_logits"):
             assert card[name] == list(row[name])
         assert card["neighbors"] == [n for n in row["neighbors"] if n not in HIDDEN and n < N]

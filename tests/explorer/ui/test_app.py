@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from build_map.steering.links import open_link
@@ -125,10 +126,18 @@ def test_search_results_and_reply_features_sort_by_steerability(session):
     assert list(steerability[listed]) == sorted(steerability[listed], reverse=True)
     assert steerability[listed].min() >= steerability[matches].nlargest(len(listed)).min()  # the top ones
     session.sort_by.value = "relevance"
+    session.run_search("feature")
     listed = [int(f) for f in re.findall(r'data-feature="(\d+)"', session.search_results.html)]
-    assert listed == matches[: len(listed)]
+    assert listed and listed == matches[: len(listed)]
     chips = render_chips(session.bundle, [(1, 0.9), (3, 0.5), (4, 0.2)], by="steerability")
     assert [int(f) for f in re.findall(r'data-feature="(\d+)"', chips)] == [4, 3, 1]  # 0.4, 0.3, 0.1
+    session.sort_by.value = "label score"
+    session.run_search("feature")
+    listed = [int(f) for f in re.findall(r'data-feature="(\d+)"', session.search_results.html)]
+    detection = session.bundle.features["detection"]
+    assert (
+        list(detection[listed]) == sorted(detection[listed], reverse=True) and len(set(detection[listed])) > 1
+    )
 
 
 def test_the_card_says_what_one_click_does(session):
@@ -136,6 +145,17 @@ def test_the_card_says_what_one_click_does(session):
     assert "one click: <b>×1.41</b>" in card and "steerability <b>0.30</b>" in card
     assert "writes" in card and "&lt;em&gt;" in card and "<em>" not in card  # output tokens escaped
     assert "direct logit lens" in card
+    assert "detection <b>6.2/10</b> vs 2.5 by chance · fuzzing <b>6.0/10</b>" in card  # 0.25 + 3/8
+
+
+def test_an_unscored_bundle_shows_no_label_score(session):
+    bundle = session.bundle
+    saved = bundle.features["detection"].copy()
+    bundle.features["detection"] = np.nan
+    try:
+        assert "detection" not in render_card(bundle, 3)
+    finally:
+        bundle.features["detection"] = saved
 
 
 def test_deep_link_parsing(explorer_shared):

@@ -6,14 +6,14 @@ import re
 
 import pandas as pd
 
-from build_map.labels.auto import auto_labels
+from build_map.labels.contexts import context_labels
 from build_map.labels.text import DEAD_LABEL, MAX_AUTO_CHARS, clean_label
 from tests.support.label_tables import N, example_row
 
 
 def test_auto_labels_readable_and_distinct(label_tables):
     features, examples = label_tables
-    labels = auto_labels(features, examples)
+    labels = context_labels(features, examples)
     assert len(labels) == N
     assert labels[3] == DEAD_LABEL
     live = [label for i, label in enumerate(labels) if i != 3]
@@ -34,7 +34,7 @@ def test_auto_labels_prefer_specific_tokens(label_tables):
     features, examples = label_tables
     common = examples[examples["feature"] >= 4].copy()
     common["acts"] = [[0.0, 1.0, 1.0, 0.0]] * len(common)  # fires on " wordN" and " the" equally
-    labels = auto_labels(features[features["feature"] >= 4].reset_index(drop=True), common)
+    labels = context_labels(features[features["feature"] >= 4].reset_index(drop=True), common)
     assert all(label.startswith(f"'word{i}'") for i, label in zip(range(4, N), labels, strict=True))
 
 
@@ -49,7 +49,7 @@ def test_auto_labels_show_whole_words_and_skip_logit_fragments(label_tables):
     features = features.iloc[:2].assign(
         top_logits=[["acific", "outheastern", " eat"], ["outheastern", "acific"]]
     )
-    labels = auto_labels(features, pd.DataFrame(rows))
+    labels = context_labels(features, pd.DataFrame(rows))
     assert labels[0] == "'struggle' → eat", labels
     assert labels[1].startswith("'Good'") and "→" not in labels[1] and "im_end" not in labels[1], labels
 
@@ -64,7 +64,7 @@ def test_clean_label_strips_controls_and_caps():
 # ---------------------------------------------------------------- LLM labeller
 
 
-def test_topic_words_keep_the_activating_side_of_auto_labels():
+def test_topic_words_keep_the_activating_side_of_context_labels():
     from build_map.labels.text import AUTO, IMPORTED, topic_words
 
     assert topic_words("'pizza' / 'pasta' → food, eat", AUTO) == "'pizza' / 'pasta'"
