@@ -33,6 +33,7 @@ from build_map.bundle.schema import (
     add_score_defaults,
     cluster_columns,
 )
+from build_map.common.files import recover_folder
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ def load_bundle(path: str | Path, *, label_edits: bool = True) -> Bundle:
     """The bundle at ``path``, with the user's label edits beside it applied (``label_edits=False``:
     the labels as built, for code that rewrites the bundle)."""
     path = Path(path)
+    if not path.exists():
+        recover_folder(path)  # a kill between the two renames of a replace left .NAME.old
     if not path.is_dir():
         raise BundleError(
             f"No bundle at {path}; build one with `build-map build ... --out {path}` or `build-map demo`."

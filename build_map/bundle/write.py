@@ -26,12 +26,14 @@ from build_map.bundle.schema import (
     cluster_columns,
     features_schema,
 )
-from build_map.common.files import atomic_folder
+from build_map.common.files import atomic_folder, recover_folder
 
 
 def check_can_write(out: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any expensive work) when ``out`` exists and may not be replaced."""
+    """Fail early (before any expensive work) when ``out`` exists and may not be replaced. A
+    bundle an interrupted replace left as ``.NAME.old`` is put back first."""
     out = Path(out)
+    recover_folder(out)
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists; pass --overwrite to replace it, or choose another --out.")
     if out.exists() and not out.is_dir():

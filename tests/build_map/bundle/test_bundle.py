@@ -102,6 +102,18 @@ def test_failure_leaves_no_half_written_bundle(tmp_path):
     assert load_bundle(tmp_path / "b").n_features == 6  # the old bundle survives
 
 
+def test_a_bundle_left_as_dot_old_by_a_kill_is_restored_by_explore_or_the_next_build(tmp_path):
+    _write(tmp_path / "b")
+    (tmp_path / "b").rename(tmp_path / ".b.old")  # killed between the two renames of a replace
+    assert load_bundle(tmp_path / "b").n_features == 6  # what `explore` does
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    (tmp_path / "b").rename(tmp_path / ".b.old")
+    with pytest.raises(BundleError, match="--overwrite"):  # the build sees the restored bundle
+        _write(tmp_path / "b")
+    _write(tmp_path / "b", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
 def test_unknown_format_version(tmp_path):
     out = _write(tmp_path / "b")
     manifest = json.loads((out / "manifest.json").read_text())

@@ -39,6 +39,50 @@ def test_atomic_folder_can_keep_what_another_process_made_first(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["theirs"] and _siblings(target) == []
 
 
+def test_replacing_swaps_in_one_step_or_mends_a_kill_between_renames(tmp_path, monkeypatch):
+    from build_map.common import files
+
+    target = tmp_path / "bundle"
+    for attempt, exchange in enumerate((files._exchange, lambda a, b: False)):  # renameat2, then two renames
+        monkeypatch.setattr(files, "_exchange", exchange)
+        with atomic_folder(target) as tmp:
+            (tmp / "a.txt").write_text(f"version {attempt}")
+        assert (target / "a.txt").read_text() == f"version {attempt}"
+        assert sorted(p.name for p in target.iterdir()) == ["a.txt"] and _siblings(target) == []
+    if os.uname().sysname == "Linux":
+        monkeypatch.undo()
+        assert files._exchange(tmp_path / "bundle", tmp_path / "bundle")  # renameat2 is there
+
+    # a kill after the first rename of a two-rename replace: only .bundle.old is left
+    target.rename(tmp_path / ".bundle.old")
+    assert files.recover_folder(target) and (target / "a.txt").read_text() == "version 1"
+    (tmp_path / ".bundle.old").mkdir()  # a kill after the second rename: the old one is a leftover
+    assert not files.recover_folder(target) and _siblings(target) == []
+
+
+def test_temporary_folders_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    target = tmp_path / "bundle"
+    killed = tmp_path / ".bundle.abc123.tmp"
+    running = tmp_path / ".bundle.def456.tmp"
+    unowned = tmp_path / ".bundle.ghi789.tmp"
+    for folder, owner in ((killed, dead.stdout.strip()), (running, str(os.getpid())), (unowned, None)):
+        folder.mkdir()
+        (folder / "features.parquet").write_text("half")
+        if owner:
+            (folder / ".owner").write_text(f"{owner} {socket.gethostname()}")
+    with atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert not killed.exists() and running.exists() and unowned.exists()
+    assert not (target / ".owner").exists()
+
+
 def test_write_text_atomic_leaves_the_old_file_when_the_rename_fails(tmp_path, monkeypatch):
     path = tmp_path / "page.html"
     write_text_atomic(path, "old")
