@@ -137,6 +137,12 @@ def load_bundle(path: str | Path, *, label_edits: bool = True) -> Bundle:
         raise BundleError(f"{path / FEATURES} lacks columns {', '.join(absent)}; rebuild the bundle.")
     if not (features["feature"].to_numpy() == range(len(features))).all():
         raise BundleError(f"{path / FEATURES} must hold one row per feature, in order; rebuild the bundle.")
+    stated = manifest.get("n_features")
+    if isinstance(stated, int) and stated != len(features):
+        raise BundleError(
+            f"{path / MANIFEST} says {stated} features but {path / FEATURES} holds {len(features)} rows; "
+            "the bundle is damaged or mixed from two builds: rebuild it."
+        )
     probed = add_probe_defaults(features)
     add_score_defaults(features)
     clusters = _read_table(path / CLUSTERS)

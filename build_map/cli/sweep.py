@@ -58,10 +58,25 @@ def run(args: argparse.Namespace) -> int:
     from build_map.steering.session import open_bundle
     from build_map.steering.sweep import DEFAULT_PROMPTS
     from build_map.steering.sweep_plots import plot_sweep
-    from build_map.steering.sweep_window import WindowRule, suggest_window, sweep_summary, window_text
+    from build_map.steering.sweep_window import (
+        SweepError,
+        WindowRule,
+        suggest_window,
+        sweep_summary,
+        window_text,
+    )
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise SweepError(
+            f"--out {out} is a file; the sweep writes a folder (sweep.parquet, …): choose another path."
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SweepError(
+            f"--out {out} cannot be made ({exc.strerror or exc}); choose a folder you can write to."
+        ) from exc
     prompts = read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
     with open_bundle(args.bundle, device=args.device, model=args.model, sae=args.sae, dtype=args.dtype) as s:
         target = load_recipe(args.recipe, s.bundle) if args.recipe else args.features

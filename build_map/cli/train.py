@@ -53,13 +53,14 @@ def add(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from build_map.activations.harvest import HarvestConfig
-    from build_map.lm.corpus import CorpusConfig
+    from build_map.lm.corpus import CorpusConfig, check_sources
     from build_map.pipeline.training_run import harvest_and_train
     from build_map.sae.train_config import TrainConfig
 
     # Build every config first: a bad setting fails now, not after a long harvest.
     cfg = config_from_args(TrainConfig, args)
     corpus = CorpusConfig(sources=args.sources, seed=args.seed)
+    check_sources(corpus)
     harvest = config_from_args(HarvestConfig, args)
     if args.no_progress:
         from transformers.utils import logging as hf_logging

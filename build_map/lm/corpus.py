@@ -197,12 +197,42 @@ def iter_source(source: str) -> Iterator[Document]:
     return iter_jsonl_file(path) if path.suffix.lower() == ".jsonl" else iter_text_file(path)
 
 
+def check_sources(cfg: CorpusConfig) -> None:
+    """Refuse, before any model loads, a corpus file that is missing, empty or not UTF-8 text
+    (its first 64 KiB are read; the full read says the same of a later byte)."""
+    for source in cfg.sources:
+        if source in BUILTIN_SOURCES:
+            continue
+        path = _existing(source)
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        if not head.strip():
+            raise CorpusError(f"Corpus file {path} is empty; pass a file with text in it.")
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < len(head) - 4:  # not just a character cut at the 64 KiB mark
+                raise _not_text(path, exc) from exc
+
+
+def _not_text(path: str | Path, exc: UnicodeDecodeError) -> CorpusError:
+    return CorpusError(
+        f"Corpus file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); pass a UTF-8 text "
+        "or .jsonl file (convert it with `iconv -t utf-8`)."
+    )
+
+
 def documents(cfg: CorpusConfig) -> list[Document]:
     """All documents of all sources, shuffled together by ``cfg.seed``."""
     docs: list[Document] = []
     for source in cfg.sources:
         before = len(docs)
-        docs.extend(iter_source(source))
+        try:
+            docs.extend(iter_source(source))
+        except UnicodeDecodeError as exc:
+            raise _not_text(source, exc) from exc
+        if len(docs) == before:
+            raise CorpusError(f"Corpus source {source} holds no documents; pass a file with text in it.")
         logger.info("Corpus source %s: %d documents", source, len(docs) - before)
     random.Random(cfg.seed).shuffle(docs)
     return docs

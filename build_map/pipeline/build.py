@@ -29,7 +29,7 @@ from build_map.labels.cluster_names import name_levels
 from build_map.labels.files import read_hide_file, read_label_file
 from build_map.labels.scores import ScoreSummary
 from build_map.labels.text import topic_words
-from build_map.lm.corpus import CorpusConfig, token_sequences
+from build_map.lm.corpus import CorpusConfig, check_sources, token_sequences
 from build_map.lm.hookpoints import d_model, default_hookpoint, normalize_hookpoint
 from build_map.lm.models import LoadedModel, load_model
 from build_map.pipeline.label_stage import check_spec, judge_for, label_features, score_stage
@@ -209,6 +209,7 @@ class _Inputs:
 
 
 def _load_inputs(cfg: BuildConfig, loaded: LoadedModel | None) -> _Inputs:
+    check_sources(CorpusConfig(sources=tuple(cfg.corpus), seed=cfg.seed))  # before anything slow
     sae = load_sae(cfg.sae)  # cheap, so a bad SAE file fails before the model loads
     loaded = loaded or load_model(cfg.model, device=cfg.device)
     sae = sae.to(loaded.device)

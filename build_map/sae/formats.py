@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 
@@ -87,9 +88,15 @@ def _load_goodfire(path: Path) -> SparseAutoencoder:
     file = path if path.is_file() else next(path.glob("*.pth"))
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors have many types
+    except pickle.UnpicklingError as exc:  # torch refuses objects beyond tensors and plain containers
         raise SAEError(
-            f"{file}: cannot read it as a torch state dict ({exc}); is the file complete?"
+            f"{file} holds Python objects besides tensors, and loading it would run code from the file, so "
+            "it is refused. Save the SAE as a plain state dict of tensors (torch.save(sae.state_dict(), …)) "
+            "or as safetensors."
+        ) from exc
+    except Exception as exc:  # zip/truncation errors have many types
+        raise SAEError(
+            f"{file}: cannot read it as a torch state dict ({type(exc).__name__}); is the file complete?"
         ) from exc
     if not isinstance(state, dict):
         raise SAEError(f"{file}: expected a state dict, found {type(state).__name__}.")

@@ -71,6 +71,10 @@ class TrainConfig:
             raise TrainConfigError(f"holdout_fraction must be in (0, 1); got {self.holdout_fraction}.")
         if self.max_norm_ratio is not None and self.max_norm_ratio <= 1:
             raise TrainConfigError(f"max_norm_ratio must be above 1 (or None); got {self.max_norm_ratio}.")
+        for name in ("lr", "lr_boost"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise TrainConfigError(f"--{name.replace('_', '-')} {value}: give a positive, finite number.")
         if self.encoder_dtype not in ("auto", "bfloat16", "float32"):
             raise TrainConfigError(
                 f"encoder_dtype must be auto, bfloat16 or float32; got {self.encoder_dtype!r}."

@@ -48,7 +48,7 @@ from build_map.steering.requests import (
 from build_map.steering.sampling import RowSampler
 from build_map.steering.scheduler import BatchScheduler
 from build_map.steering.streaming import BatchStreamer, GenerationStream, Job, RowState, RowStop, TextStream
-from build_map.steering.validation import check_edits, check_sampling
+from build_map.steering.validation import check_edits, check_messages, check_sampling
 from build_map.steering.vectors import (
     BatchSteering,
     RowSteering,
@@ -214,16 +214,22 @@ class SteeringEngine:
         """Token ids of a prompt: chat messages go through the chat template with the generation
         prompt appended; a str is one user message; ids pass through."""
         if isinstance(prompt, torch.Tensor):
-            return [int(t) for t in prompt.flatten().tolist()]
+            prompt = [int(t) for t in prompt.flatten().tolist()]
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        prompt = list(prompt)
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return prompt
-        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+        if not isinstance(prompt, (list, tuple)):
             raise SteeringError(
-                "A prompt is chat messages ({'role': ..., 'content': ...}), a string or token ids."
+                "A prompt is chat messages ({'role': ..., 'content': ...}), a string or token ids; "
+                f"got {type(prompt).__name__}."
             )
+        prompt = list(prompt)
+        if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            vocab = len(self.tokenizer)
+            bad = next((t for t in prompt if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise SteeringError(f"token id {bad} is outside the vocabulary (0 to {vocab - 1}).")
+            return prompt
+        check_messages(prompt)
         if not getattr(self.tokenizer, "chat_template", None):
             raise SteeringError("This tokenizer has no chat template; pass token ids instead of messages.")
         with self._tokenizer_lock:

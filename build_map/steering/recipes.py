@@ -64,6 +64,9 @@ class Recipe:
     """Where the SAE reads and writes the residual stream."""
     sae_sha256: str | None = None
     """sha256 of the SAE the feature ids belong to; None for a link (checked by the bundle then)."""
+    ignored: tuple[str, ...] = field(default=(), compare=False)
+    """Keys of the file this tool does not know and left out ("sampling.top_k", "edits[0].note"),
+    for the reader to be told; never written back."""
 
     def to_dict(self) -> dict:
         return {
@@ -136,9 +139,18 @@ def recipe_from_dict(data: Any, source: str = "recipe", default: StrengthOf | No
     sampling = data.get("sampling") or {}
     if not isinstance(sampling, Mapping):
         raise RecipeError(f"{source}: 'sampling' must be an object with {', '.join(SAMPLING_KEYS)}.")
-    unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
-    if unknown:
-        logger.warning("%s: ignoring unknown sampling keys %s", source, ", ".join(unknown))
+    ignored = [k for k in data if k not in RECIPE_KEYS] + [
+        f"sampling.{k}" for k in sampling if k not in SAMPLING_KEYS
+    ]
+    ignored += [
+        f"edits[{i}].{k}"
+        for i, item in enumerate(edits)
+        if isinstance(item, Mapping)
+        for k in item
+        if k not in EDIT_KEYS
+    ]
+    if ignored:
+        logger.warning("%s: ignoring unknown keys %s", source, ", ".join(map(str, ignored)))
     return Recipe(
         edits=tuple(
             _edit_from_dict(item, i, source, default or strength_of(None)) for i, item in enumerate(edits)
@@ -148,7 +160,12 @@ def recipe_from_dict(data: Any, source: str = "recipe", default: StrengthOf | No
         model=_optional_str(data.get("model")),
         hookpoint=_optional_str(data.get("hookpoint")),
         sae_sha256=_optional_str(data.get("sae_sha256")),
+        ignored=tuple(map(str, ignored)),
     )
+
+
+RECIPE_KEYS = ("format", "version", "edits", "multiplier", "sampling", "model", "hookpoint", "sae_sha256")
+EDIT_KEYS = ("feature", "strength", "mode")
 
 
 def check_recipe(

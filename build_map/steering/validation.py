@@ -116,3 +116,31 @@ def is_finite_number(value: Any) -> bool:
 
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_messages(messages: Sequence[Any]) -> None:
+    """Chat messages the chat template can take: dicts with a known role and text content, not all
+    empty, no lone surrogates (text a tokenizer cannot encode)."""
+    if not messages:
+        raise SteeringError("the prompt is empty; send at least one message.")
+    for number, message in enumerate(messages, start=1):
+        if not (isinstance(message, dict) and "role" in message and "content" in message):
+            raise SteeringError(
+                "A prompt is chat messages ({'role': ..., 'content': ...}), a string or token ids; "
+                f"message {number} is {str(message)[:60]!r}."
+            )
+        role, content = message["role"], message["content"]
+        if role not in CHAT_ROLES:
+            raise SteeringError(f"message {number} has role {role!r}; use one of {', '.join(CHAT_ROLES)}.")
+        if not isinstance(content, str):
+            raise SteeringError(f"message {number}'s content is {type(content).__name__}; give text.")
+        surrogate = next((ch for ch in content if "\ud800" <= ch <= "\udfff"), None)
+        if surrogate is not None:
+            raise SteeringError(
+                f"message {number} holds a lone surrogate (U+{ord(surrogate):04X}), which is not text; remove it."
+            )
+    if not any(str(m["content"]).strip() for m in messages):
+        raise SteeringError("the prompt is empty; type a message.")

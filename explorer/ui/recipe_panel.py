@@ -81,7 +81,12 @@ class RecipePanel:
             return False
         self.apply_settings(recipe.edits, recipe.multiplier, recipe.sampling)
         self.update_link()
-        self.notice.object = notice("info", f"Loaded a recipe with {len(recipe.edits)} edit(s).")
+        ignored = (
+            f" Left out keys this tool does not know: {', '.join(recipe.ignored)}." if recipe.ignored else ""
+        )
+        self.notice.object = notice(
+            "warn" if ignored else "info", f"Loaded a recipe with {len(recipe.edits)} edit(s).{ignored}"
+        )
         return True
 
     def update_link(self) -> str:

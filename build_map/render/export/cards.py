@@ -46,6 +46,13 @@ class ExportConfig:
     compress_level: int = 6
     """gzip level of the card data (9 saves little and takes much longer)."""
 
+    def __post_init__(self) -> None:
+        for name in ("max_examples", "hover_tokens"):
+            if getattr(self, name) < 0:
+                raise ExportError(f"--{name.replace('_', '-')} {getattr(self, name)}: give 0 or more.")
+        if not 0 <= self.compress_level <= 9:
+            raise ExportError(f"compress_level {self.compress_level}: give a gzip level from 0 to 9.")
+
 
 class ExportError(BundleError):
     """The export cannot be written (e.g. the output exists and overwrite was not asked for)."""

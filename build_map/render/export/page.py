@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,19 @@ def check_out(out_html: str | Path, overwrite: bool) -> Path:
         raise ExportError(
             f"{out} already exists; pass --overwrite (overwrite=True) to replace it, or choose another file."
         )
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ExportError(
+            f"{blocking} is a file, not a folder, so {out} cannot be written; choose another path."
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise ExportError(
+            f"{out} cannot be written: {exc.strerror or exc} in {out.parent}; choose a folder you can write to."
+        ) from exc
     return out
 
 

@@ -176,6 +176,7 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_bundle(tmp_path):
         ("manifest.json", "[1, 2]", r"holds a JSON list, not the manifest object; rebuild"),
         ("features.parquet", None, r"features.parquet cannot be read .*truncated: rebuild"),
         ("clusters.parquet", b"PAR1 not really", r"clusters.parquet cannot be read .*truncated: rebuild"),
+        ("manifest.json", '{"format_version": 1, "n_features": 5000}', r"says 5000 features but .* 6 rows"),
     ],
 )
 def test_a_damaged_bundle_is_one_clear_error(tmp_path, name, content, message):

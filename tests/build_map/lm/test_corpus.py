@@ -135,3 +135,25 @@ def test_config_validation():
     with pytest.raises(CorpusError, match="max_seq_len"):
         CorpusConfig(max_seq_len=4, min_seq_len=8)
     assert CorpusConfig(sources="chitchat").sources == ("chitchat",)
+
+
+def test_corpus_files_are_checked_before_any_model_loads(tmp_path):
+    from build_map.lm.corpus import CorpusConfig, CorpusError, check_sources, documents
+
+    binary, empty, good = tmp_path / "ls.txt", tmp_path / "empty.txt", tmp_path / "ok.txt"
+    binary.write_bytes(b"ELF\x7f\x00\xd0\xff\xfe" * 100)
+    empty.write_text("  \n\n")
+    good.write_text("A paragraph.\n\nAnother one é.")
+    with pytest.raises(CorpusError, match=r"ls.txt is not UTF-8 text \(byte \d+.*iconv"):
+        check_sources(CorpusConfig(sources=(str(binary),)))
+    with pytest.raises(CorpusError, match="empty.txt is empty"):
+        check_sources(CorpusConfig(sources=(str(empty),)))
+    with pytest.raises(CorpusError, match="does not exist"):
+        check_sources(CorpusConfig(sources=(str(tmp_path / "missing.txt"),)))
+    check_sources(CorpusConfig(sources=("chitchat", str(good))))
+    # a bad byte past the first 64 KiB is caught when the file is read, with the same message
+    late = tmp_path / "late.txt"
+    late.write_bytes(b"words\n" * 20000 + b"\xff\xfe")
+    check_sources(CorpusConfig(sources=(str(late),)))
+    with pytest.raises(CorpusError, match="late.txt is not UTF-8 text"):
+        documents(CorpusConfig(sources=(str(late),)))

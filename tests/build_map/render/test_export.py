@@ -357,3 +357,20 @@ def test_browser_decodes_text_with_line_breaks(exported):
                 [sample, len(data)],
             )
             assert bytes(decoded) == bytes(range(256)) * 40
+
+
+def test_export_checks_its_output_path_and_options_before_any_work(tmp_path):
+    from build_map.render.export.page import check_out
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(ExportError, match="notes.txt is a file, not a folder"):
+        check_out(a_file / "deeper" / "x.html", overwrite=False)
+    with pytest.raises(ExportError, match="cannot be written"):
+        check_out("/proc/features.html", overwrite=False)
+    with pytest.raises(ExportError, match="already exists"):
+        check_out(a_file, overwrite=False)
+    assert check_out(tmp_path / "new" / "x.html", overwrite=False) == tmp_path / "new" / "x.html"
+    with pytest.raises(ExportError, match="--max-examples -1: give 0 or more"):
+        ExportConfig(max_examples=-1)
+    assert a_file.read_text() == "mine"

@@ -201,3 +201,19 @@ def test_bad_topk_config():
         SparseAutoencoder(SAEConfig(d_in=4, d_sae=8, activation="topk", k=None))
     with pytest.raises(SAEError, match="Unknown SAE activation"):
         SparseAutoencoder(SAEConfig(d_in=4, d_sae=8, activation="gelu"))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this must never print",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_with_what_to_do(tmp_path, capsys):
+    path = tmp_path / "sae.pth"
+    torch.save({"encoder_linear.weight": _RunsCode()}, path)
+    with pytest.raises(
+        SAEError, match="would run code from the file, so it is refused. Save the SAE as a plain"
+    ) as err:
+        load_sae(path)
+    assert "weights_only" not in str(err.value) and "is the file complete" not in str(err.value)
+    assert "this must never print" not in capsys.readouterr().out

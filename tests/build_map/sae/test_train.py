@@ -177,3 +177,9 @@ def test_memmap_input_and_seeded(tmp_path, data):
     second, m2 = train_sae(x[:4000], cfg, progress=False)
     torch.testing.assert_close(first.W_dec, second.W_dec)
     assert m1.fvu == pytest.approx(m2.fvu)
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), 0.0, -1e-3])
+def test_a_learning_rate_that_cannot_train_is_refused_up_front(lr):
+    with pytest.raises(TrainConfigError, match="--lr .*give a positive, finite number"):
+        TrainConfig(n_latents=64, k=4, lr=lr)

@@ -418,3 +418,22 @@ def test_decoding_steps_are_steered_whatever_the_scope(engine, tokenizer):
     """Reply-only steering still changes the reply: the reply's positions are always steered."""
     plain = engine.generate(MESSAGES, [], GREEDY)
     assert engine.generate(MESSAGES, [Edit(3, 8.0)], GREEDY, scope=SteeringScope()) != plain
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        (123, "a string or token ids; got int"),
+        (None, "got NoneType"),
+        ("\ud800 hello", r"lone surrogate \(U\+D800\)"),
+        ("", "the prompt is empty; type a message"),
+        ([{"role": "wizard", "content": "hi"}], "role 'wizard'; use one of system, user, assistant"),
+        ([{"role": "user", "content": 5}], "content is int; give text"),
+        ([{"role": "user"}], "message 1 is"),
+        ([], "the prompt is empty"),
+        ([10**6], r"token id 1000000 is outside the vocabulary"),
+    ],
+)
+def test_bad_prompts_are_one_clear_error(engine, prompt, message):
+    with pytest.raises(SteeringError, match=message):
+        engine.prompt_ids(prompt)

@@ -95,3 +95,13 @@ def test_a_recipe_edit_without_strength_takes_the_click_strength(tiny_bundle):
     data = {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, "edits": edits}
     recipe = load_recipe(data, tiny_bundle)
     assert [e.strength for e in recipe.edits] == [round(float(CLICK_STRENGTHS[6 % 4]), 4), 0.5]
+
+
+def test_unknown_recipe_keys_are_named_not_silently_dropped(tiny_bundle):
+    data = make_recipe(tiny_bundle, [Edit(1, 1.0)])
+    data["author"] = "me"
+    data["sampling"]["top_k"] = 5
+    data["edits"][0]["note"] = "why"
+    recipe = load_recipe(data, tiny_bundle)
+    assert recipe.ignored == ("author", "sampling.top_k", "edits[0].note")
+    assert "ignored" not in recipe.to_dict() and recipe.edits == (Edit(1, 1.0),)

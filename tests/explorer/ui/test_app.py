@@ -298,3 +298,25 @@ def test_stop_cancels_both_replies(session):
 
 
 # ---------------------------------------------------------------- server, CLI
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ({"feature": [b"3"], "temperature": [b"-1"]}, "temperature -1.0 must be between 0 and"),
+        (
+            {"feature": [b"3"], "max_new_tokens": [b"10000000"]},
+            "max_new_tokens 10000000 must be between 1 and",
+        ),
+        ({"feature": [b"3"], "multiplier": [b"inf"]}, "multiplier=&#x27;inf&#x27; is not a finite number"),
+        ({"feature": [b"3"], "seed": [b"-1"]}, "seed -1 must be a non-negative integer"),
+        ({"feature": [b"999"]}, "feature 999 does not exist"),
+    ],
+)
+def test_out_of_range_link_values_are_a_visible_notice(explorer_shared, query, said):
+    """The rest of the link still opens (feature 3 is added), and the notice stays after it."""
+    session = ExplorerSession(explorer_shared)
+    session.view()
+    session.apply_deep_link(query)
+    assert said in session.notice.object and 'class="notice error"' in session.notice.object
+    assert [e.feature for e in session.edits.current()[0]] == ([3] if query["feature"] == [b"3"] else [])

@@ -44,6 +44,15 @@ def test_save_then_load_recipe_restores_edits_and_sampling(session, explorer_sha
     assert "error" not in other.recipes.notice.object
 
 
+def test_unknown_recipe_keys_are_a_visible_notice(session):
+    session.edits.add(Edit(3, 0.5, "nudge"))
+    data = json.loads(_saved(session))
+    data["temperature"] = 0.9  # at the top level instead of in "sampling": not applied, so say so
+    assert session.recipes.load_bytes(json.dumps(data).encode())
+    notice = session.recipes.notice.object
+    assert 'class="notice warn"' in notice and "keys this tool does not know: temperature" in notice
+
+
 def test_recipe_for_another_sae_is_refused_visibly(session):
     session.edits.add(Edit(3, 0.5, "nudge"))
     data = json.loads(_saved(session))
