@@ -58,7 +58,7 @@ def context_labels(
     """One label per row of ``features`` (``"dead feature"`` for dead ones), distinct from each other."""
     cfg = cfg or ContextLabelConfig()
     words, known = _example_words(examples)
-    fires_on = _characteristic_words(words, limit=cfg.n_fires_on)
+    fires_on = _characteristic_words(words, limit=cfg.n_fires_on + 2)  # room for case duplicates
     focus, context = _contexts(examples, cfg)
     scored = _context_scores(context, features, cfg)
     writes = _specific_writes(features, known, cfg)
@@ -171,7 +171,10 @@ def _fires_on_part(fires_on: Sequence[str], focus: Counter, cfg: ContextLabelCon
         if count / total >= cfg.token_share:
             same = [w for w in fires_on if word_form(w) == form]
             return same[:1] or [form or next(iter(fires_on), "")]
-    return list(fires_on)
+    distinct: dict[str, str] = {}  # "day" and "Day" are one word to a reader
+    for word in fires_on:
+        distinct.setdefault(word_form(word), word)
+    return list(distinct.values())[: cfg.n_fires_on]
 
 
 def _variants(left: Sequence[str], context: Sequence[str], writes: Sequence[str],
