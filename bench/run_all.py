@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 BENCHES = ["bench_harvest.py", "bench_train.py", "bench_projection.py", "bench_steering.py",
-           "bench_export.py", "bench_sweep_attribution.py", "bench_steer_probe.py", "bench_labels.py"]  # fmt: skip
+           "bench_export.py", "bench_sweep_attribution.py", "bench_steer_probe.py", "bench_labels.py",
+           "bench_soak.py"]  # fmt: skip
 
 
 def main() -> int:

@@ -65,24 +65,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_bundle_model_options(parser)
     parser.add_argument("--no-show", action="store_true", help="do not open a browser tab")
+    parser.add_argument("--history-tokens", type=_history_tokens, default=None, metavar="N",
+                        help="prompt tokens a chat reply sees at most; older turns are left out and the chat "
+                        "says so (default: 256; 0: no limit, each turn then re-reads the whole chat)")  # fmt: skip
+    parser.add_argument("--no-memory-trim", action="store_true",
+                        help="leave freed memory to glibc (no arena cap, no malloc_trim after replies): "
+                        "only to measure what trimming saves (bench/bench_soak.py)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
+
+
+def _history_tokens(text: str) -> int:
+    value = int(text) if text.strip().lstrip("-").isdigit() else -1
+    if value < 0 or 0 < value < 32:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 (no limit) or a number of tokens from 32 up")
+    return value
 
 
 def load_shared(args: argparse.Namespace):
     """Bundle, model, SAE, engine: everything the sessions share."""
     from build_map.bundle.read import load_bundle
+    from build_map.common.memory import limit_malloc_arenas
     from build_map.steering.reply_features import ReplyFeatures
+    from build_map.steering.requests import BatchingConfig
     from build_map.steering.session import load_parts, make_engine
     from explorer.ui.app import SharedState
 
+    trim = not getattr(args, "no_memory_trim", False)
+    if trim:
+        limit_malloc_arenas(2)  # before the model's and the server's threads first allocate
     bundle = load_bundle(args.bundle)
     loaded, sae, hookpoint = load_parts(
         bundle, device=args.device, dtype=args.dtype, model=args.model, sae=args.sae
     )
-    engine = make_engine(bundle, loaded, sae, hookpoint)
+    engine = make_engine(bundle, loaded, sae, hookpoint, batching=BatchingConfig(trim_memory=trim))
     title = f"SAE feature explorer — {bundle.path.name}"
-    return SharedState(bundle, engine, ReplyFeatures(engine, bundle), title=title)
+    history = getattr(args, "history_tokens", None)
+    chat = {} if history is None else {"history_tokens": history or None}
+    return SharedState(bundle, engine, ReplyFeatures(engine, bundle), title=title, **chat)
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -110,7 +110,6 @@ class ModelChat:
     tokenizer: object
     spec: str
     batch_size: int = 8
-    _device: object = field(default=None, repr=False)
 
     @property
     def name(self) -> str:

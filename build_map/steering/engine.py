@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from build_map.common.memory import trim_freed_memory
 from build_map.lm.hookpoints import (
     hidden_dtype,
     input_device,
@@ -343,6 +344,9 @@ class SteeringEngine:
                 )
         finally:
             self._active.reset(token)
+            del steering, sampler, input_ids, attention_mask
+            if self.batching.trim_memory:
+                trim_freed_memory()  # a reply frees far more than it keeps: hand it back
         streamer.end()  # idempotent: ends requests generate left open (e.g. it hit max_length)
 
     def _count(self, name: str, amount: int) -> None:

@@ -83,6 +83,9 @@ class BatchingConfig:
     """Batches running at once; more lowers waiting for late arrivals but shares the cores."""
     poll_s: float = 0.25
     """How often a waiting consumer checks that its worker is alive (a quiet queue is not an end)."""
+    trim_memory: bool = True
+    """Hand freed memory back to the system after each batch (glibc ``malloc_trim``; see
+    ``build_map.common.memory``): without it a server's RSS climbs with every reply."""
 
 
 @dataclass(frozen=True)

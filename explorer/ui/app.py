@@ -30,7 +30,7 @@ from build_map.steering.links import DeepLink, open_link
 from build_map.steering.reply_features import ReplyFeatures
 from build_map.steering.requests import DEFAULT_MODE, Edit, SamplingConfig
 from explorer.ui.attribution_panel import AttributionPanel
-from explorer.ui.chat import ChatPanel
+from explorer.ui.chat import HISTORY_TOKENS, ChatPanel
 from explorer.ui.components import LinkedHTML, MapView
 from explorer.ui.edits import EditsPanel
 from explorer.ui.html import (
@@ -77,6 +77,8 @@ class SharedState:
     reply_features: ReplyFeatures | None = None
     map_url: str = f"/{MAP_ROUTE}/map.html"
     title: str = "SAE feature explorer"
+    history_tokens: int | None = HISTORY_TOKENS
+    """Prompt tokens a chat reply sees at most (``explore --history-tokens``)."""
 
 
 def _search_html(bundle: Bundle, query: str, matches: list[int], by: str = "relevance") -> str:
@@ -126,6 +128,7 @@ class ExplorerSession:
             self.edits.current,
             shared.reply_features,
             sort_by=lambda: self.sort_by.value,
+            history_tokens=shared.history_tokens,
             on_reply_features=lambda features: self.map.highlight("reply", features),
             on_turn_done=lambda column, edits, multiplier: self.attribution.show_reply(
                 column.messages, column.text, edits, multiplier, self.chat.scope()

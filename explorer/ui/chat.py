@@ -27,6 +27,7 @@ import param
 
 from build_map.bundle.read import Bundle
 from build_map.steering.engine import SteeringEngine
+from build_map.steering.history import recent_turns
 from build_map.steering.reply_features import ReplyFeatures
 from build_map.steering.requests import (
     DEFAULT_SCOPE,
@@ -39,13 +40,19 @@ from build_map.steering.requests import (
 from build_map.steering.streaming import GenerationStream
 from explorer.ui.background import Background
 from explorer.ui.components import LinkedHTML, set_or_trigger
-from explorer.ui.html import CSS, message_html, notice, render_chips
+from explorer.ui.html import CSS, message_html, muted, notice, render_chips
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_SEED = 0
+HISTORY_TOKENS = 256
+"""Prompt tokens a reply sees at most: the oldest turns are left out beyond it (and the chat says
+so), so a turn's cost stops growing with the conversation. A turn costs about linearly in its
+prompt (8 rows × 40 new tokens on the demo, 2-core CPU: 110 prompt tokens 8.4 s, 221 11.6 s, 332
+14.1 s): 256 keeps the tenth turn within 1.5× the second; ``explore --history-tokens`` trades
+speed for memory of the conversation."""
 
 
 # ---------------------------------------------------------------- one reply column
@@ -102,10 +109,12 @@ class ChatPanel(param.Parameterized):
         on_reply_features: Callable[[list[int]], None] | None = None,
         on_turn_done: Callable[[ReplyColumn, list[Edit], float], None] | None = None,
         sort_by: Callable[[], str] = lambda: "relevance",
+        history_tokens: int | None = HISTORY_TOKENS,
         **params,
     ):
         super().__init__(**params)
         self.engine, self.bundle = engine, bundle
+        self.history_tokens = history_tokens  # prompt tokens a reply sees at most (oldest turns go)
         self.get_edits = get_edits
         self.reply_features = reply_features
         self.on_reply_features = on_reply_features
@@ -209,15 +218,25 @@ class ChatPanel(param.Parameterized):
         edits, multiplier = self.get_edits()
         self.last_edits = (list(edits), multiplier)
         user = {"role": "user", "content": text}
+        default, dropped = self._window([*self.history_default, user])
         if edits:
+            steered, dropped_steered = self._window([*self.history_steered, user])
+            dropped = max(dropped, dropped_steered)
             columns = [
-                ReplyColumn("default", "Default", [*self.history_default, user]),
-                ReplyColumn("steered", _steered_title(edits, multiplier), [*self.history_steered, user]),
+                ReplyColumn("default", "Default", default),
+                ReplyColumn("steered", _steered_title(edits, multiplier), steered),
             ]
         else:
-            columns = [ReplyColumn("reply", "Reply (no edits)", [*self.history_default, user])]
+            columns = [ReplyColumn("reply", "Reply (no edits)", default)]
+        parts = [pn.pane.HTML(message_html("user", text), stylesheets=[CSS], sizing_mode="stretch_width")]
+        if dropped:
+            note = (
+                f"The model sees the newest turns only: {dropped} earlier turn(s) left out, so the "
+                f"conversation fits {self.history_tokens} tokens and each turn stays fast."
+            )
+            parts.append(pn.pane.HTML(muted(note), stylesheets=[CSS], sizing_mode="stretch_width"))
         turn = pn.Column(
-            pn.pane.HTML(message_html("user", text), stylesheets=[CSS], sizing_mode="stretch_width"),
+            *parts,
             pn.Row(*(c.view() for c in columns), sizing_mode="stretch_width"),
             sizing_mode="stretch_width",
             css_classes=["chat-turn"],
@@ -249,6 +268,14 @@ class ChatPanel(param.Parameterized):
         self.last_turn = columns
         self._start(jobs, columns, turn)
         return columns
+
+    def _window(self, messages: list[dict]) -> tuple[list[dict], int]:
+        """The newest turns of ``messages`` that fit ``history_tokens``; a prompt the engine cannot
+        read is passed on whole, for the engine to refuse with its own message."""
+        try:
+            return recent_turns(messages, lambda m: len(self.engine.prompt_ids(m)), self.history_tokens)
+        except SteeringError:
+            return messages, 0
 
     def _submit(
         self, columns: list[ReplyColumn], edits: list[Edit], multiplier: float

@@ -30,6 +30,20 @@ def test_a_bad_port_is_one_clear_line(port, capsys):
     assert "give 0 to 65535" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("value", "kept"), [("0", 0), ("1024", 1024), ("7", None), ("-5", None), ("lots", None)]
+)
+def test_history_tokens_option(value, kept, capsys):
+    from explorer.cli import parse_args
+
+    if kept is not None:
+        assert parse_args(["b", "--history-tokens", value]).history_tokens == kept
+        return
+    with pytest.raises(SystemExit):
+        parse_args(["b", "--history-tokens", value])
+    assert "give 0 (no limit) or a number of tokens from 32 up" in capsys.readouterr().err
+
+
 def test_cli_errors_are_clear(tmp_path, tiny_bundle_dir, capsys):
     assert main([str(tmp_path / "missing"), "--no-show"]) == 2
     assert "No bundle at" in capsys.readouterr().err

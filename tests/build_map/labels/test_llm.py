@@ -31,6 +31,10 @@ class _FakeChat(BaseHTTPRequestHandler):
             return
         prompt = body["messages"][-1]["content"]
         label = "Food\x1b[31m words" if "pizza»" in prompt else "Gratitude"
+        if prompt.startswith("Label:"):  # the judge: the first snippet holding the label's word
+            word = prompt.split("'")[1] if "'" in prompt else ""
+            listed = [line for line in prompt.splitlines() if line[:1].isdigit()]
+            label = next((line.split(".")[0] for line in listed if word and word in line), "none")
         reply = {"choices": [{"message": {"role": "assistant", "content": label}}]}
         data = json.dumps(reply).encode()
         self.send_response(200)
@@ -114,6 +118,23 @@ def test_label_prompt_marks_words_across_buckets_and_dry_run_counts(label_tables
     prompt, tokens, total = dry_run(features, examples, chat)
     assert "«pizza»" in prompt and tokens > 10 and total > 8 * tokens
     assert _FakeChat.requests == []  # a dry run sends nothing
+
+
+def test_llm_judge_through_a_fake_endpoint_scores_the_right_label_high(fake_endpoint, tmp_path):
+    from build_map.labels.llm import AnswerCache
+    from build_map.labels.scores import score_labels
+    from tests.build_map.labels.test_scores import topic_tables
+
+    features, examples = topic_tables()
+    judge = LLMJudge(chat_for(fake_endpoint, model="judge"), AnswerCache(tmp_path / "judge.jsonl"))
+    scored, summary = score_labels(features, examples, judge)
+    assert judge.name.startswith("llm:judge@http://127.0.0.1")
+    assert scored["detection"].tolist() == [1.0] * 6 and summary.above_chance == 1.0
+    asked = len(_FakeChat.requests)
+    score_labels(features, examples, judge)  # the same prompts again: answered from the cache
+    assert len(_FakeChat.requests) == asked
+    wrong = features.assign(label=["'weather'"] * 6)  # the endpoint answers "none": all tied
+    assert score_labels(wrong, examples, judge)[0]["detection"].tolist() == [0.25] * 6
 
 
 def test_self_labeller_and_llm_judge_run_on_the_tiny_model(tiny_loaded, label_tables):

@@ -127,3 +127,33 @@ def test_label_terms_and_snippet_words():
     snip = snippet(["I", " strugg", "le", " with", " teeth", "."], [0, 2.0, 1.0, 0, 0.5, 0], act=2.0)
     assert snip.words == ("I", " struggle", " with", " teeth", ".") and snip.focus == 1
     assert snip.active() == (1,) and snip.marked_text([1, 3]) == "I «struggle» with «teeth»."
+
+
+def test_the_sampler_shows_held_out_true_examples_and_neighbours_distractors():
+    """Every snippet a judge sees for feature f is either one of f's held-out examples (the true
+    one) or an example of one of f's listed neighbours; never one a labeller saw."""
+    features, examples = topic_tables()
+    features["neighbors"] = [[(f + 1) % 6, (f + 2) % 6, (f + 3) % 6] for f in range(6)]
+    for f in range(len(TOPICS)):  # tag each example's words with its feature and split
+        rows = examples.index[examples["feature"] == f]
+        held = held_out(examples.loc[rows])
+        for i, is_held in zip(rows, held, strict=True):
+            tokens = list(examples.at[i, "tokens"])
+            tokens[-1] = f" f{f}{'held' if is_held else 'seen'}"
+            examples.at[i, "tokens"] = tokens
+    shown: dict[str, list[list[str]]] = {}
+
+    class Recorder:
+        name = "recorder"
+
+        def rate(self, label, options):
+            shown.setdefault(label, []).append([snip.words[-1].strip() for snip, _ in options])
+            return np.zeros(len(options))
+
+    score_labels(features, examples, Recorder(), ScoreConfig(n_draws=30))
+    for f, topic in enumerate(TOPICS):
+        allowed_others = {f"f{n}{kind}" for n in features.at[f, "neighbors"] for kind in ("held", "seen")}
+        for options in shown[f"'{topic}'"]:
+            own = [tag for tag in options if tag.startswith(f"f{f}")]
+            assert own and set(own) == {f"f{f}held"}  # the true example is held out, never seen
+            assert set(options) - set(own) <= allowed_others

@@ -255,6 +255,20 @@ def test_edits_stream_default_and_steered_side_by_side(session):
     assert columns[1].messages[1]["content"] == steered.text
 
 
+def test_a_long_chat_keeps_the_newest_turns_and_says_so(session):
+    session.chat.history_tokens = 60
+    session.chat.temperature.value, session.chat.max_new_tokens.value = 0.0, 6
+    for n in range(5):
+        columns = session.chat.send(f"message number {n} with a few more words in it")
+        _finish_turn(session)
+    messages = columns[0].messages
+    assert messages[-1]["content"] == "message number 4 with a few more words in it"
+    assert len(session.engine.prompt_ids(messages)) <= 60
+    assert "message number 0" not in str(messages) and messages[0]["role"] in ("system", "user")
+    assert "earlier turn(s) left out" in str(session.chat.history[-1].objects[1].object)
+    assert len(session.chat.history_default) <= len(messages) + 1  # the stored history is bounded too
+
+
 def test_refused_request_is_shown_not_raised(session):
     session.select(3)
     session.add_selected(strength=10.0)
