@@ -13,8 +13,8 @@ from typing import Literal
 
 import torch
 
-MODES = ("nudge", "pin")
-Mode = Literal["nudge", "pin"]
+MODES = ("nudge", "pin", "orthogonal", "cap")
+Mode = Literal["nudge", "pin", "orthogonal", "cap"]
 Prompt = str | Sequence[dict] | Sequence[int] | torch.Tensor
 DEFAULT_STRENGTH = 1.0
 """Strength of an edit that names none (one click in the explorer, a link's bare ``feature=``): as

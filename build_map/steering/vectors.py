@@ -17,6 +17,16 @@ With ``v_i = multiplier * strength * scale_i`` (``scale_i``: feature i's max act
   used (``x @ W_enc[:, P] + b_enc[P]``), never the full SAE. For a TopK SAE the pinned feature's
   pre-activation is v_i and it fires at v_i when it ranks in the top k; for JumpReLU values below
   the feature's threshold read as 0.
+* ``orthogonal`` (Neuronpedia's and interp-engine's ``OrthogonalDecompSpec``, coeff =
+  ``multiplier * strength``): rescale only the residual's component along the feature's unit
+  decoder direction ``d̂_i``: ``x → x + (c - 1)(x · d̂_i) d̂_i``; 1 keeps it, 0 removes it, 2
+  doubles it, the orthogonal part is untouched.
+* ``cap`` (interp-engine's ``ProjectionCapSpec`` with ``max``): cap the projection onto ``d̂_i``
+  at what the feature writes at ``v_i``: ``p = x · d̂_i``, ``m = v_i ‖W_dec[i]‖``,
+  ``x → x + (min(p, m) - p) d̂_i``; below the cap nothing changes.
+
+Order within a row: nudges, then orthogonal rescalings, then caps (each in the order of the edits),
+then pins, so pins win.
 
 Every row of a batch (row 0 unsteered, row 1 steered, rows of other users) gets its own vector.
 """
@@ -44,14 +54,26 @@ class RowSteering:
     pin_value: torch.Tensor | None = None  # (P,) target activations
     pin_threshold: torch.Tensor | None = None  # (P,) where the activation turns on (0 unless jumprelu)
     pin_dec: torch.Tensor | None = None  # (P, d_in) = A⁻¹ W_dec[P], the joint solve folded in
+    ortho_dir: torch.Tensor | None = None  # (O, d_in) unit decoder directions
+    ortho_gain: torch.Tensor | None = None  # (O,) coefficient - 1
+    cap_dir: torch.Tensor | None = None  # (C, d_in) unit decoder directions
+    cap_max: torch.Tensor | None = None  # (C,) the projection cap
 
     @property
     def n_pins(self) -> int:
         return 0 if self.pin_enc is None else int(self.pin_enc.shape[1])
 
     @property
+    def n_projections(self) -> tuple[int, int]:
+        """(orthogonal rescalings, caps)."""
+        return (
+            0 if self.ortho_dir is None else int(self.ortho_dir.shape[0]),
+            0 if self.cap_dir is None else int(self.cap_dir.shape[0]),
+        )
+
+    @property
     def is_empty(self) -> bool:
-        return self.nudge is None and self.n_pins == 0
+        return self.nudge is None and self.n_pins == 0 and self.n_projections == (0, 0)
 
 
 @dataclass
@@ -65,6 +87,9 @@ class BatchSteering:
     pin_value: torch.Tensor | None  # (B, 1, P)
     pin_threshold: torch.Tensor | None  # (B, 1, P)
     pin_dec: torch.Tensor | None  # (B, P, d_in)
+    projections: list[tuple[str, torch.Tensor, torch.Tensor]] | None = None
+    """("orthogonal", dirs (B, d_in), gains (B,)) and ("cap", dirs, caps) steps, applied in order;
+    a row with fewer steps has identity ones (gain 0, cap +inf, zero direction)."""
     positions: torch.Tensor | None = None
     """(B, W) bool: which of the first W columns of a full pass (the left-padded prompts) are
     steered; columns past W and decoding steps always are. None: every position."""
@@ -82,6 +107,7 @@ class BatchSteering:
         if all(row.is_empty for row in rows):
             return None
         steering = cls._stack(rows, device, dtype)
+        steering.projections = _stack_projections(rows, device)
         steering.positions = positions
         return steering
 
@@ -132,6 +158,8 @@ class BatchSteering:
             if self.nudge.device != hidden.device:
                 self.nudge = self.nudge.to(hidden.device)
             hidden = hidden + self.nudge
+        if self.projections:
+            hidden = self._project(hidden)
         if self.pin_enc is None:
             return hidden
         self._move_pins(hidden.device)
@@ -140,6 +168,19 @@ class BatchSteering:
         active = pre * (pre > self.pin_threshold)
         residual = torch.where(self.pin_value > 0, self.pin_value - pre, -active)
         return (x + torch.bmm(residual, self.pin_dec)).to(hidden.dtype)
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.float()
+        for kind, directions, amounts in self.projections:
+            directions, amounts = directions.to(x.device), amounts.to(x.device)
+            along = torch.einsum("bsd,bd->bs", x, directions)  # (B, seq) projection on the unit direction
+            change = (
+                amounts[:, None] * along
+                if kind == "orthogonal"
+                else along.clamp(max=amounts[:, None]) - along
+            )
+            x = x + change[..., None] * directions[:, None, :]
+        return x.to(hidden.dtype)
 
     def _move_pins(self, device: torch.device) -> None:
         if self.pin_enc.device == device:
@@ -168,7 +209,33 @@ def scope_positions(
 
 
 def _row_width(row: RowSteering) -> int:
-    return int(row.nudge.shape[0] if row.nudge is not None else row.pin_enc.shape[0])
+    for tensor in (row.nudge, row.pin_dec, row.ortho_dir, row.cap_dir):
+        if tensor is not None:
+            return int(tensor.shape[-1])
+    raise ValueError("an empty row has no width")
+
+
+def _stack_projections(rows: Sequence[RowSteering], device: torch.device) -> list | None:
+    """The batch's orthogonal and cap steps, padded with identity steps per row."""
+    n_ortho = max(row.n_projections[0] for row in rows)
+    n_cap = max(row.n_projections[1] for row in rows)
+    if n_ortho == n_cap == 0:
+        return None
+    d_in = next(_row_width(row) for row in rows if not row.is_empty)
+    steps = []
+    for kind, count, dirs_of, amount_of, identity in (
+        ("orthogonal", n_ortho, lambda r: r.ortho_dir, lambda r: r.ortho_gain, 0.0),
+        ("cap", n_cap, lambda r: r.cap_dir, lambda r: r.cap_max, float("inf")),
+    ):
+        for k in range(count):
+            directions = torch.zeros(len(rows), d_in, device=device)
+            amounts = torch.full((len(rows),), identity, device=device)
+            for r, row in enumerate(rows):
+                if dirs_of(row) is not None and k < dirs_of(row).shape[0]:
+                    directions[r] = dirs_of(row)[k].to(device)
+                    amounts[r] = amount_of(row)[k].to(device)
+            steps.append((kind, directions, amounts))
+    return steps
 
 
 def steer_output(output: Any, steering: BatchSteering) -> Any:
@@ -197,13 +264,32 @@ def row_steering(
     activation, see ``effective_scales``)."""
     nudges = [e for e in edits if e.mode == "nudge" and e.strength != 0]
     pins = [e for e in edits if e.mode == "pin"]
+    orthogonal = [e for e in edits if e.mode == "orthogonal" and e.strength * multiplier != 1]
+    caps = [e for e in edits if e.mode == "cap"]
     steering = RowSteering()
     with torch.no_grad():
         if nudges:
             steering.nudge = _nudge_vector(sae, scales, nudges, multiplier)
         if pins:
             _pin_solve(sae, scales, steering, pins, multiplier)
+        if orthogonal:
+            steering.ortho_dir = _unit_directions(sae, orthogonal)
+            steering.ortho_gain = torch.tensor([e.strength * multiplier - 1 for e in orthogonal]).to(
+                steering.ortho_dir.device
+            )
+        if caps:
+            steering.cap_dir = _unit_directions(sae, caps)
+            ids = torch.tensor([e.feature for e in caps])
+            norms = sae.W_dec.detach()[ids.to(sae.W_dec.device)].float().norm(dim=1)
+            amounts = torch.tensor([e.strength for e in caps]) * multiplier * scales[ids]
+            steering.cap_max = amounts.to(norms.device) * norms
     return steering
+
+
+def _unit_directions(sae: SparseAutoencoder, edits: Sequence[Edit]) -> torch.Tensor:
+    ids = torch.tensor([e.feature for e in edits], device=sae.W_dec.device)
+    rows = sae.W_dec.detach()[ids].float()
+    return rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
 def _nudge_vector(

@@ -64,7 +64,9 @@ WELCOME = (
 )
 UNITS = (
     '<span class="muted">Strength is in multiples of the feature\'s max activation (1 = as strong as '
-    "it ever fires). <b>nudge</b> adds the feature's direction; <b>pin</b> clamps its activation.</span>"
+    "it ever fires). <b>nudge</b> adds the feature's direction; <b>pin</b> clamps its activation; "
+    "<b>orthogonal</b> multiplies the residual's component along the direction by the strength (0 removes it); "
+    "<b>cap</b> caps that component at what the feature writes at the strength.</span>"
 )
 
 

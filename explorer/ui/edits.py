@@ -34,7 +34,7 @@ class EditRow:
             f"calibrated {self.default:.3g}" if calibrated else f"default {self.default:.3g}, not calibrated"
         )
         self.strength = pn.widgets.EditableFloatSlider(
-            label=f"strength (× max act) · {mark}",
+            label=f"{'coefficient (1 = unchanged)' if edit.mode == 'orthogonal' else 'strength (× max act)'} · {mark}",
             start=-span,
             end=span,
             step=0.05,
@@ -65,6 +65,11 @@ class EditRow:
         self.strength.fixed_start = 0.0 if event.new == "pin" else -self.strength.fixed_end
         if event.new == "pin" and self.strength.value < 0:
             self.strength.value = 0.0
+        # orthogonal's strength is a coefficient (1 = unchanged), not a multiple of the max activation
+        self.strength.name = self.strength.name.replace(
+            "strength (× max act)" if event.new == "orthogonal" else "coefficient (1 = unchanged)",
+            "coefficient (1 = unchanged)" if event.new == "orthogonal" else "strength (× max act)",
+        )
 
     def reset_strength(self) -> None:
         self.strength.value = self.default if self.mode.value == "nudge" else max(0.0, self.default)

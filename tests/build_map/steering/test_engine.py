@@ -437,3 +437,29 @@ def test_decoding_steps_are_steered_whatever_the_scope(engine, tokenizer):
 def test_bad_prompts_are_one_clear_error(engine, prompt, message):
     with pytest.raises(SteeringError, match=message):
         engine.prompt_ids(prompt)
+
+
+@pytest.mark.parametrize(("mode", "strength"), [("orthogonal", 3.0), ("cap", -0.5)])
+def test_projection_modes_equal_their_formula_applied_by_hand(engine, model, sae, scale, mode, strength):
+    ids = _ids(engine)
+    with torch.no_grad(), engine.steered([[Edit(3, strength, mode)]], 1.0):
+        steered = model(ids).logits
+    unit = sae.W_dec[3] / sae.W_dec[3].norm()
+
+    def by_hand(module, args, out):
+        along = out @ unit
+        if mode == "orthogonal":
+            return out + (strength - 1) * along[..., None] * unit
+        cap = strength * scale[3] * sae.W_dec[3].norm()
+        return out + (along.clamp(max=cap) - along)[..., None] * unit
+
+    handle = model.get_submodule(HOOKPOINT).register_forward_hook(by_hand)
+    try:
+        with torch.no_grad():
+            manual = model(ids).logits
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        plain = model(ids).logits
+    torch.testing.assert_close(steered, manual)
+    assert not torch.allclose(steered, plain)
