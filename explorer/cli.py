@@ -65,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_bundle_model_options(parser)
     parser.add_argument("--no-show", action="store_true", help="do not open a browser tab")
+    parser.add_argument("--backend", default="hf", choices=("hf", "eager", "vllm"),
+                        help="who generates: hf (this project's engine, the default), eager or vllm "
+                        "(interp-engine; vllm needs CUDA and the vllm extra). Pins, attribution and "
+                        "sweeps run on the hf model either way.")  # fmt: skip
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="with --backend vllm: GPUs to split the model across (e.g. 4 for 70B)")  # fmt: skip
     parser.add_argument("--history-tokens", type=_history_tokens, default=None, metavar="N",
                         help="prompt tokens a chat reply sees at most; older turns are left out and the chat "
                         "says so (default: 256; 0: no limit, each turn then re-reads the whole chat)")  # fmt: skip
@@ -88,7 +94,7 @@ def load_shared(args: argparse.Namespace):
     from build_map.common.memory import limit_malloc_arenas
     from build_map.steering.reply_features import ReplyFeatures
     from build_map.steering.requests import BatchingConfig
-    from build_map.steering.session import load_parts, make_engine
+    from build_map.steering.session import backend_generator, load_parts, make_engine
     from explorer.ui.app import SharedState
 
     trim = not getattr(args, "no_memory_trim", False)
@@ -98,7 +104,12 @@ def load_shared(args: argparse.Namespace):
     loaded, sae, hookpoint = load_parts(
         bundle, device=args.device, dtype=args.dtype, model=args.model, sae=args.sae
     )
-    engine = make_engine(bundle, loaded, sae, hookpoint, batching=BatchingConfig(trim_memory=trim))
+    generator = backend_generator(
+        bundle, loaded, getattr(args, "backend", "hf"), args.model, getattr(args, "tensor_parallel_size", 1)
+    )
+    engine = make_engine(
+        bundle, loaded, sae, hookpoint, batching=BatchingConfig(trim_memory=trim), generator=generator
+    )
     title = f"SAE feature explorer — {bundle.path.name}"
     history = getattr(args, "history_tokens", None)
     chat = {} if history is None else {"history_tokens": history or None}

@@ -66,6 +66,14 @@ def embedded_model_folder() -> Path:
     return _gguf_resave(embedded_gguf_path())
 
 
+def model_folder(spec: str | os.PathLike | None) -> str:
+    """What a tool that loads by folder or Hugging Face id gets for ``spec``: the embedded default
+    and .gguf files as their safetensors re-save, anything else as it is."""
+    if spec is None:
+        return str(embedded_model_folder())
+    return str(_gguf_resave(Path(spec))) if Path(spec).suffix == ".gguf" else str(spec)
+
+
 def load_model(
     spec: str | os.PathLike | None = None,
     device: str | torch.device | None = "auto",

@@ -78,8 +78,12 @@ class SteeringEngine:
         hidden: Iterable[int] | Any = (),
         limits: SteeringLimits | None = None,
         batching: BatchingConfig | None = None,
+        generator: Any = None,
     ):
         self.model = model
+        # None: this engine generates (batched HF generate, forward hook). Else an object whose
+        # ``run(engine, jobs)`` does (``interp_backend.InterpGenerator``); the rest stays here.
+        self.generator = generator
         self.tokenizer = tokenizer
         self.sae = sae
         self.hookpoint = normalize_hookpoint(model, hookpoint)
@@ -128,6 +132,12 @@ class SteeringEngine:
         sampling = sampling or SamplingConfig()
         check_sampling(sampling, self.limits)
         self.check_edits(edits, multiplier)
+        pins = [e.feature for e in edits if e.mode == "pin"]
+        if pins and self.generator is not None:
+            raise SteeringError(
+                f"pin (features {pins}) needs the SAE encoder inside the forward pass, which the "
+                f"{self.generator.backend} backend cannot run; use --backend hf for pins, or nudge instead."
+            )
         self._check_prompt(prompt_ids, sampling)
 
     def check_edits(self, edits: Sequence[Edit], multiplier: float = 1.0) -> None:
@@ -306,6 +316,11 @@ class SteeringEngine:
         return handle
 
     def _run_batch(self, jobs: list[Job]) -> None:
+        if self.generator is not None:
+            self.generator.run(self, jobs)
+            if self.batching.trim_memory:
+                trim_freed_memory()
+            return
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         rows = [

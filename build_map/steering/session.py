@@ -30,7 +30,7 @@ from build_map.sae.formats import load_sae
 from build_map.sae.model import SparseAutoencoder, check_matches_model
 from build_map.steering.engine import SteeringEngine
 from build_map.steering.recipes import Recipe, check_recipe, load_recipe, make_recipe
-from build_map.steering.requests import Edit, Prompt, SamplingConfig, SteeringLimits
+from build_map.steering.requests import Edit, Prompt, SamplingConfig, SteeringError, SteeringLimits
 
 logger = logging.getLogger(__name__)
 
@@ -181,12 +181,33 @@ def open_bundle(
     sae: str | Path | SparseAutoencoder | None = None,
     dtype: str = "auto",
     limits: SteeringLimits | None = None,
+    backend: str = "hf",
+    tensor_parallel_size: int = 1,
 ) -> Session:
     """Load a bundle with its model, SAE and a steering engine.
 
     ``model``: HF id, folder, .gguf or an already loaded ``LoadedModel`` (default: the manifest's).
-    ``sae``: a path or a ``SparseAutoencoder`` (default: the manifest's, checked by sha256)."""
+    ``sae``: a path or a ``SparseAutoencoder`` (default: the manifest's, checked by sha256).
+    ``backend``: who generates (``interp_backend``): ``hf`` (this engine), ``eager`` or ``vllm``
+    (interp-engine; the hf model stays loaded for re-reading replies, attribution and sweeps)."""
     bundle = load_bundle(path)
     loaded, sae_module, hookpoint = load_parts(bundle, device, dtype, model, sae)
-    engine = make_engine(bundle, loaded, sae_module, hookpoint, limits=limits)
+    generator = backend_generator(bundle, loaded, backend, model, tensor_parallel_size)
+    engine = make_engine(bundle, loaded, sae_module, hookpoint, limits=limits, generator=generator)
     return Session(bundle, loaded, sae_module, engine, hookpoint)
+
+
+def backend_generator(
+    bundle: Bundle, loaded: LoadedModel, backend: str, model: Any = None, tensor_parallel_size: int = 1
+):
+    """None for ``hf``; else interp-engine's generator on the same model (its folder or id)."""
+    from build_map.steering.interp_backend import BACKENDS, load_generator
+
+    if backend == "hf":
+        return None
+    if backend not in BACKENDS:
+        raise SteeringError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}.")
+    from build_map.lm.models import model_folder
+
+    spec = model if isinstance(model, str) else sources.model_spec(bundle, None)
+    return load_generator(model_folder(spec), backend, str(loaded.device.type), tensor_parallel_size)

@@ -100,17 +100,25 @@ class BatchStreamer(StepStreamer):
         self.decode = decode
         self.count_tokens = count_tokens  # called with each row's token count when it stops
         self.eos_ids = set(eos_ids)
+        self._lock = threading.Lock()  # ``accept`` from several worker threads
 
     def step(self, value: torch.Tensor) -> None:
         for row, token in zip(self.rows, value.reshape(len(self.rows), -1)[:, -1].tolist(), strict=True):
             self._accept(row, int(token))
         self._finish_jobs()
 
+    def accept(self, row: RowState, token: int) -> None:
+        """One row's next token, for generators that run rows one by one (``interp_backend``)."""
+        with self._lock:
+            self._accept(row, int(token))
+            self._finish_jobs()
+
     def end(self) -> None:
-        for row in self.rows:
-            if row.reason is None:
-                self._close(row, "length")
-        self._finish_jobs()
+        with self._lock:
+            for row in self.rows:
+                if row.reason is None:
+                    self._close(row, "cancelled" if row.job.handle.cancel_event.is_set() else "length")
+            self._finish_jobs()
 
     def _accept(self, row: RowState, token: int) -> None:
         if row.reason is not None:

@@ -9,6 +9,7 @@ import pytest
 
 from build_map.bundle.read import load_bundle
 from build_map.bundle.sources import BundleSourceError
+from build_map.steering.requests import SamplingConfig
 from explorer.cli import load_shared, main
 
 
@@ -61,3 +62,23 @@ def test_cli_errors_are_clear(tmp_path, tiny_bundle_dir, capsys):
     finally:
         (tiny_bundle_dir / "manifest.json").write_text(json.dumps(manifest))
     assert load_bundle(tiny_bundle_dir).manifest == manifest
+
+
+def test_explore_backend_option_reaches_the_engine(tiny_bundle_dir):
+    pytest.importorskip("interp_engine", reason="interp-engine needs Python >= 3.11")
+    from explorer.cli import parse_args
+
+    args = parse_args(
+        [str(tiny_bundle_dir), "--backend", "eager", "--device", "cpu", "--history-tokens", "64"]
+    )
+    shared = load_shared(args)
+    try:
+        assert shared.engine.generator is not None and shared.engine.generator.backend == "eager"
+        assert shared.history_tokens == 64
+        assert (
+            shared.engine.generate("hello", [], SamplingConfig(temperature=0.0, max_new_tokens=4)) is not None
+        )
+    finally:
+        shared.engine.close()
+    with pytest.raises(SystemExit):
+        parse_args([str(tiny_bundle_dir), "--backend", "tpu"])
