@@ -48,6 +48,9 @@ def add(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steer-special-tokens", action="store_true",
                         help="with --steer-prompt, also steer the chat template's special tokens")  # fmt: skip
     add_bundle_model_options(parser)
+    parser.add_argument("--backend", default="hf", choices=("hf", "eager", "vllm"),
+                        help="who generates the sweep's replies: hf (one batched generate, the default), "
+                        "eager or vllm (interp-engine, one request per row); re-reading stays on hf")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(run=run)
 
@@ -78,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
             f"--out {out} cannot be made ({exc.strerror or exc}); choose a folder you can write to."
         ) from exc
     prompts = read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
-    with open_bundle(args.bundle, device=args.device, model=args.model, sae=args.sae, dtype=args.dtype) as s:
+    with open_bundle(args.bundle, device=args.device, model=args.model, sae=args.sae, dtype=args.dtype,
+                     backend=args.backend) as s:  # fmt: skip
         target = load_recipe(args.recipe, s.bundle) if args.recipe else args.features
         frame = s.sweep(target, prompts, args.strengths, max_new_tokens=args.max_new_tokens, seed=args.seed,
                         mode=args.mode, batch_rows=args.batch_rows, progress=not args.no_progress,

@@ -152,6 +152,7 @@ class BatchStreamer(StepStreamer):
         self.count_tokens(len(row.tokens))  # before the request ends, so its consumer sees it
         row.reason = reason
         row.job.handle.finish_reasons[row.local_row] = reason
+        row.job.handle.token_ids[row.local_row] = list(row.tokens)
 
     def _finish_jobs(self) -> None:
         for job in {id(row.job): row.job for row in self.rows}.values():
@@ -180,6 +181,7 @@ class GenerationStream:
         self.rows = rows
         self.texts = [""] * rows
         self.finish_reasons: list[str | None] = [None] * rows
+        self.token_ids: list[list[int]] = [[] for _ in range(rows)]  # each row's reply, end of turn excluded
         self.cancel_event = threading.Event()
         self.status = "queued"  # queued → running → finished | cancelled | error
         self.done = False  # set by the worker once its end or error is queued

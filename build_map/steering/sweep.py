@@ -40,7 +40,14 @@ from build_map.lm.hookpoints import input_device
 from build_map.lm.tokens import left_pad
 from build_map.steering.engine import SteeringEngine
 from build_map.steering.recipes import Recipe
-from build_map.steering.requests import DEFAULT_SCOPE, Edit, Prompt, SamplingConfig, SteeringScope
+from build_map.steering.requests import (
+    DEFAULT_SCOPE,
+    Edit,
+    Prompt,
+    SamplingConfig,
+    SteeringRequest,
+    SteeringScope,
+)
 from build_map.steering.streaming import StepStreamer
 from build_map.steering.sweep_window import SweepError
 from build_map.steering.validation import feature_id
@@ -186,6 +193,8 @@ def _generate_chunk(
     progress: bool,
     scope: SteeringScope,
 ) -> list[list[int]]:
+    if engine.generator is not None:  # another backend generates: one request per row, same arithmetic
+        return _generate_with_backend(engine, prompt_ids, row_edits, max_new_tokens, scope)
     from transformers import GenerationConfig
 
     model = engine.model
@@ -206,6 +215,20 @@ def _generate_chunk(
         if streamer is not None:
             streamer.close()
     return out[:, ids.shape[1] :].tolist()
+
+
+def _generate_with_backend(engine, prompt_ids, row_edits, max_new_tokens, scope) -> list[list[int]]:
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+    handles = [
+        engine.submit(SteeringRequest(ids, tuple(edits), greedy, 1.0, scope=scope))
+        for ids, edits in zip(prompt_ids, row_edits, strict=True)
+    ]
+    out = []
+    for handle in handles:
+        for _ in handle:  # to the end (an error in the backend is raised here)
+            pass
+        out.append(handle.token_ids[0])
+    return out
 
 
 def reread(

@@ -74,3 +74,13 @@ def test_cancel_stops_a_reply_and_a_failure_reaches_the_consumer(sessions, monke
 def test_unknown_backends_are_refused(tiny_bundle_dir):
     with pytest.raises(SteeringError, match="choose one of hf, eager, vllm"):
         open_bundle(tiny_bundle_dir, device="cpu", backend="tpu")
+
+
+def test_a_sweep_on_the_eager_backend_matches_the_hf_sweep(sessions):
+    hf, eager = sessions
+    kwargs = {"max_new_tokens": 8, "seed": 0}
+    ours = hf.sweep([3], ["hello there"], [0.0, 1.5], **kwargs)
+    theirs = eager.sweep([3], ["hello there"], [0.0, 1.5], **kwargs)
+    assert list(theirs["reply"]) == list(ours["reply"])
+    assert theirs["effect"].tolist() == ours["effect"].tolist()
+    assert eager.engine.stats["batches"] > 0
