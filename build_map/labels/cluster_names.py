@@ -76,7 +76,9 @@ LABEL_BOILERPLATE = frozenset(
 def _stopwords() -> frozenset[str]:
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-    return frozenset(ENGLISH_STOP_WORDS) | LABEL_BOILERPLATE
+    from build_map.labels.text import DISCOURSE_WORDS
+
+    return frozenset(ENGLISH_STOP_WORDS) | LABEL_BOILERPLATE | DISCOURSE_WORDS
 
 
 @dataclass

@@ -29,7 +29,14 @@ import pandas as pd
 from build_map.labels.auto import _characteristic_words, _example_words, _unique, _wordy
 from build_map.labels.judges import _stopwords
 from build_map.labels.snippets import snippet, word_form
-from build_map.labels.text import DEAD_LABEL, MAX_AUTO_CHARS, NO_EVIDENCE_LABEL, clean_label, label_token
+from build_map.labels.text import (
+    DEAD_LABEL,
+    DISCOURSE_WORDS,
+    MAX_AUTO_CHARS,
+    NO_EVIDENCE_LABEL,
+    clean_label,
+    label_token,
+)
 
 _CONTENT = re.compile(r"^[^\W\d_][^\W_]*(?:['’\-][^\W_]+)*$")
 
@@ -82,7 +89,7 @@ def _contexts(examples: pd.DataFrame, cfg: ContextLabelConfig) -> tuple[dict, di
     [summed proximity weight, examples holding it, most common spelling]}."""
     focus: dict[int, Counter] = defaultdict(Counter)
     context: dict[int, dict[str, list]] = defaultdict(dict)
-    stop = _stopwords()
+    stop = _stopwords() | DISCOURSE_WORDS
     rows = zip(examples["feature"], examples["tokens"], examples["acts"], examples["act"], strict=True)
     for feature, tokens, acts, act in rows:
         if len(tokens) == 0:

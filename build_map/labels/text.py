@@ -24,6 +24,70 @@ MAX_LABEL_CHARS = 120  # imported and LLM labels
 
 _SPACES = re.compile(r"\s+")
 
+# Words of chat that carry no topic (fillers, hedges, contractions written without the apostrophe):
+# frequent near every focus word in conversational corpora, so they crowd real context words out of
+# labels and name map regions "just, really". Not stopwords of formal English (sklearn's list).
+DISCOURSE_WORDS = frozenset(
+    [
+        "just",
+        "really",
+        "pretty",
+        "yeah",
+        "yep",
+        "yes",
+        "okay",
+        "ok",
+        "oh",
+        "ooh",
+        "ah",
+        "lol",
+        "haha",
+        "hahaha",
+        "hehe",
+        "im",
+        "ive",
+        "id",
+        "youre",
+        "thats",
+        "whats",
+        "dont",
+        "didnt",
+        "doesnt",
+        "isnt",
+        "cant",
+        "wont",
+        "gonna",
+        "wanna",
+        "got",
+        "lot",
+        "lots",
+        "stuff",
+        "thing",
+        "things",
+        "kind",
+        "sort",
+        "maybe",
+        "actually",
+        "probably",
+        "definitely",
+        "basically",
+        "literally",
+        "totally",
+        "sure",
+        "guess",
+        "don",  # "don't" cut at the apostrophe, and its kin
+        "didn",
+        "doesn",
+        "isn",
+        "wasn",
+        "couldn",
+        "wouldn",
+        "shouldn",
+        "aren",
+        "haven",
+    ]
+)
+
 
 def clean_label(text: object, max_chars: int = MAX_LABEL_CHARS) -> str:
     """Drop control/format characters, collapse whitespace, cap the length with an ellipsis."""

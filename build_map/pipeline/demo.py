@@ -37,7 +37,7 @@ DEMO_HARVEST = HarvestConfig(compute_dtype="auto")
 DEMO_TRAIN = TrainConfig(n_latents=4608, k=32)  # 8 × d_model 576
 _VERSION = "1"  # bump to retrain every cached demo SAE
 DEMO_STATS_TOKENS = 100_000
-_DEMO_BUNDLE_VERSION = "7"  # bump when the builder's output changes, to rebuild cached demo bundles
+_DEMO_BUNDLE_VERSION = "8"  # bump when the builder's output changes, to rebuild cached demo bundles
 
 
 def demo_key(train: TrainConfig = DEMO_TRAIN) -> str:
