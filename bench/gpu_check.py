@@ -22,6 +22,7 @@ concurrency path sends the N requests from N threads, each in its own ``steer`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 import time
@@ -112,7 +113,7 @@ def _interp_runner(folder, backend, device, engine, sae, hookpoint, sampling):
 
     def run(ids, edits):
         spec = steering_spec(edits, 1.0, sae, engine.feature_scale, hookpoint)
-        context = ie.steer(model, spec) if spec is not None else _Nothing()
+        context = ie.steer(model, spec) if spec is not None else contextlib.nullcontext()
         with context:
             steps = ie.generate_stream(
                 model, ids, max_tokens=sampling.max_new_tokens, temperature=0.0, stop_at_eos=False
@@ -120,14 +121,6 @@ def _interp_runner(folder, backend, device, engine, sae, hookpoint, sampling):
             return [s.token_id for s in steps if s.token_id not in eos]
 
     return run
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _throughput(backend: str, run, prompts, concurrent: int) -> None:

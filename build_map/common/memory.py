@@ -48,15 +48,3 @@ def trim_freed_memory() -> bool:
     """Return freed heap pages to the system; True when glibc released some."""
     libc = _glibc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
-
-
-def rss_bytes() -> int:
-    """This process's resident set size (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            pages = int(handle.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-    import os
-
-    return pages * os.sysconf("SC_PAGE_SIZE")

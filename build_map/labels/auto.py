@@ -28,7 +28,7 @@ def _token_traits(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return joins_left, joins_right, spaced, shown
 
 
-def _example_words(examples_df: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
+def example_words(examples_df: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
     """Every word of every example with an active token (feature, text, weight), and the
     lower-cased words known to be whole words (see the comment at ``known``).
 
@@ -75,10 +75,10 @@ def _example_words(examples_df: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
     return words[words["text"] != ""], known
 
 
-def _characteristic_words(words: pd.DataFrame, limit: int = 3) -> dict[int, list[str]]:
+def characteristic_words(words: pd.DataFrame, limit: int = 3) -> dict[int, list[str]]:
     """feature → up to ``limit`` words it fires on, best first, by TF-IDF.
 
-    TF: the words' weights summed over the feature's examples (see ``_example_words``). IDF:
+    TF: the words' weights summed over the feature's examples (see ``example_words``). IDF:
     sqrt(log(1 + features / features firing on the word)). Words scoring under a third of the
     best are left out.
     """
@@ -104,7 +104,7 @@ def _characteristic_words(words: pd.DataFrame, limit: int = 3) -> dict[int, list
     return out
 
 
-def _wordy(tokens: Iterable[str] | None, known: set[str], limit: int = 3) -> list[str]:
+def whole_words(tokens: Iterable[str] | None, known: set[str], limit: int = 3) -> list[str]:
     """Logit-lens tokens worth showing: whole words of two or more characters seen in the
     examples, deduplicated."""
     shown: list[str] = []
@@ -119,7 +119,7 @@ def _wordy(tokens: Iterable[str] | None, known: set[str], limit: int = 3) -> lis
     return shown
 
 
-def _unique(variants: Iterable[str], taken: set[str]) -> str:
+def unique_label(variants: Iterable[str], taken: set[str]) -> str:
     """The first variant not taken; else the most detailed one with a counter (" ·2")."""
     text = NO_EVIDENCE_LABEL
     for text in variants:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
+from build_map.labels.text import DISCOURSE_WORDS, english_stopwords
+
 WORD = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*")
 AUTO_LABEL_COUNTER = re.compile(r"\s·\d+$")  # "'of' ·7": automatic labels made unique, not a topic
 
@@ -74,11 +76,7 @@ LABEL_BOILERPLATE = frozenset(
 
 
 def _stopwords() -> frozenset[str]:
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
-
-    from build_map.labels.text import DISCOURSE_WORDS
-
-    return frozenset(ENGLISH_STOP_WORDS) | LABEL_BOILERPLATE | DISCOURSE_WORDS
+    return english_stopwords() | LABEL_BOILERPLATE | DISCOURSE_WORDS
 
 
 @dataclass

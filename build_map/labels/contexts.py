@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from build_map.labels.auto import _characteristic_words, _example_words, _unique, _wordy
-from build_map.labels.judges import _stopwords
+from build_map.labels.auto import characteristic_words, example_words, unique_label, whole_words
 from build_map.labels.snippets import snippet, word_form
 from build_map.labels.text import (
     DEAD_LABEL,
@@ -35,6 +34,7 @@ from build_map.labels.text import (
     MAX_AUTO_CHARS,
     NO_EVIDENCE_LABEL,
     clean_label,
+    english_stopwords,
     label_token,
 )
 
@@ -64,8 +64,8 @@ def context_labels(
 ) -> list[str]:
     """One label per row of ``features`` (``"dead feature"`` for dead ones), distinct from each other."""
     cfg = cfg or ContextLabelConfig()
-    words, known = _example_words(examples)
-    fires_on = _characteristic_words(words, limit=cfg.n_fires_on + 2)  # room for case duplicates
+    words, known = example_words(examples)
+    fires_on = characteristic_words(words, limit=cfg.n_fires_on + 2)  # room for case duplicates
     focus, context = _contexts(examples, cfg)
     scored = _context_scores(context, features, cfg)
     writes = _specific_writes(features, known, cfg)
@@ -78,7 +78,7 @@ def context_labels(
         left = _fires_on_part(fires_on.get(feature, []), focus.get(feature, Counter()), cfg)
         said = {word_form(w) for w in left}
         near = [w for w in scored.get(feature, []) if word_form(w) not in said][: cfg.n_context]
-        label = _unique(_variants(left, near, writes.get(feature, []), cfg), taken)
+        label = unique_label(_variants(left, near, writes.get(feature, []), cfg), taken)
         taken.add(label)
         labels.append(label)
     return labels
@@ -89,7 +89,7 @@ def _contexts(examples: pd.DataFrame, cfg: ContextLabelConfig) -> tuple[dict, di
     [summed proximity weight, examples holding it, most common spelling]}."""
     focus: dict[int, Counter] = defaultdict(Counter)
     context: dict[int, dict[str, list]] = defaultdict(dict)
-    stop = _stopwords() | DISCOURSE_WORDS
+    stop = english_stopwords() | DISCOURSE_WORDS
     rows = zip(examples["feature"], examples["tokens"], examples["acts"], examples["act"], strict=True)
     for feature, tokens, acts, act in rows:
         if len(tokens) == 0:
@@ -156,7 +156,7 @@ def _specific_writes(
     out = {}
     for feature, words in lists.items():
         specific = [w for w in words if counts[word_form(w)] <= limit]
-        out[feature] = _wordy(specific, known, limit=cfg.n_writes)
+        out[feature] = whole_words(specific, known, limit=cfg.n_writes)
     return out
 
 
@@ -186,7 +186,7 @@ def _fires_on_part(fires_on: Sequence[str], focus: Counter, cfg: ContextLabelCon
 
 def _variants(left: Sequence[str], context: Sequence[str], writes: Sequence[str],
               cfg: ContextLabelConfig) -> Iterable[str]:  # fmt: skip
-    """Full label first, then shorter ones (for the length cap); ``_unique`` takes the first not
+    """Full label first, then shorter ones (for the length cap); ``unique_label`` takes the first not
     used by another feature."""
     quoted = " / ".join(f"'{label_token(w)}'" for w in left)
     for n_context in range(len(context), -1, -1):

@@ -11,12 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
 
 from build_map.labels.snippets import Snippet, forms_match, word_form
+from build_map.labels.text import english_stopwords
 
 Option = tuple[Snippet, tuple[int, ...]]
 """A snippet and the indices of its marked words."""
@@ -32,20 +32,13 @@ class Judge(Protocol):
     def rate(self, label: str, options: Sequence[Option]) -> np.ndarray: ...
 
 
-@lru_cache(maxsize=1)
-def _stopwords() -> frozenset[str]:
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
-
-    return frozenset(ENGLISH_STOP_WORDS)
-
-
 def label_terms(label: str) -> tuple[str, ...]:
     """The word forms a label names: every quoted token as it is ("'the'" counts), and the content
     words outside quotes (stopwords left out: "with", "from" say nothing of a feature)."""
     text = _COUNTER.sub("", label or "")
     quoted = [word_form(q) for q in _QUOTED.findall(text)]
     rest = _QUOTED.sub(" ", text)
-    stop = _stopwords()
+    stop = english_stopwords()
     bare = [word_form(w) for w in _WORD.findall(rest) if len(w) > 1 and w.lower() not in stop]
     return tuple(dict.fromkeys(t for t in quoted + bare if t))
 

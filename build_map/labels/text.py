@@ -8,6 +8,7 @@ feature: imported > llm > auto.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import unicodedata
@@ -87,6 +88,14 @@ DISCOURSE_WORDS = frozenset(
         "haven",
     ]
 )
+
+
+@functools.lru_cache(maxsize=1)
+def english_stopwords() -> frozenset[str]:
+    """Formal English function words (scikit-learn's list): no topic, in labels or in judging them."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return frozenset(ENGLISH_STOP_WORDS)
 
 
 def clean_label(text: object, max_chars: int = MAX_LABEL_CHARS) -> str:

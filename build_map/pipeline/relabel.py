@@ -4,6 +4,7 @@ scores alone. Both rewrite the bundle atomically and keep everything else."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ from build_map.labels.scores import ScoreSummary, labelling_examples
 from build_map.lm.models import LoadedModel, load_model
 from build_map.pipeline.build import named_clusters, write_map
 from build_map.pipeline.label_stage import OFFLINE, SELF, judge_for, label_features, score_stage
+
+logger = logging.getLogger(__name__)
 
 
 def relabel_bundle(
@@ -69,7 +72,15 @@ def _imported(bundle: Bundle) -> pd.Series | None:
     from build_map.labels.files import read_label_file
 
     name = (bundle.manifest.get("build") or {}).get("labels_file")
-    return read_label_file(name, bundle.n_features) if name and Path(name).is_file() else None
+    if not name:
+        return None
+    if not Path(name).is_file():
+        logger.warning(
+            "The bundle was built with --labels %s, which is gone; its imported labels give way to the new "
+            "ones. Rebuild with --labels to keep them.", name,
+        )  # fmt: skip
+        return None
+    return read_label_file(name, bundle.n_features)
 
 
 def _levels(bundle: Bundle) -> list[np.ndarray]:

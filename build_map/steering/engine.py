@@ -359,7 +359,7 @@ class SteeringEngine:
                 )
         finally:
             self._active.reset(token)
-            del steering, sampler, input_ids, attention_mask
+            del steering, sampler, input_ids, attention_mask  # unreferenced, so the trim can free them
             if self.batching.trim_memory:
                 trim_freed_memory()  # a reply frees far more than it keeps: hand it back
         streamer.end()  # idempotent: ends requests generate left open (e.g. it hit max_length)

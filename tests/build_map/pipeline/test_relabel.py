@@ -54,3 +54,16 @@ def test_label_options_are_checked_before_any_work(bundle_dir, capsys):
     assert "is no labeller or judge" in capsys.readouterr().err
     assert main(["label", str(bundle_dir), "--dry-run"]) == 0
     assert "sends nothing" in capsys.readouterr().out
+
+
+def test_relabel_says_when_the_builds_label_file_is_gone(bundle_dir, caplog):
+    import json
+
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["build"] = {**manifest.get("build", {}), "labels_file": str(bundle_dir / "gone.csv")}
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    from build_map.pipeline.relabel import relabel_bundle
+
+    with caplog.at_level("WARNING"):  # not through main(): its logging setup replaces caplog's handler
+        relabel_bundle(bundle_dir, judge=None)
+    assert "gone.csv, which is gone" in caplog.text and "Rebuild with --labels" in caplog.text

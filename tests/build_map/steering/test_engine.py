@@ -84,6 +84,16 @@ def _ids(engine) -> torch.Tensor:
     return torch.tensor([engine.prompt_ids(MESSAGES)])
 
 
+def _logits_with_hook(model, ids, hook):
+    """The model's logits with ``hook`` on the hookpoint's output: the steering done by hand."""
+    handle = model.get_submodule(HOOKPOINT).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        handle.remove()
+
+
 def _capture(module):
     seen = []
     handle = module.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
@@ -109,12 +119,7 @@ def test_nudge_equals_adding_the_vector_by_hand(engine, model, sae, scale):
     with torch.no_grad(), engine.steered([edits], multiplier):
         steered = model(ids).logits
     vector = multiplier * (2.0 * scale[3] * sae.W_dec[3] - 1.5 * scale[7] * sae.W_dec[7])
-    handle = model.get_submodule(HOOKPOINT).register_forward_hook(lambda m, a, out: out + vector)
-    try:
-        with torch.no_grad():
-            manual = model(ids).logits
-    finally:
-        handle.remove()
+    manual = _logits_with_hook(model, ids, lambda m, a, out: out + vector)
     with torch.no_grad():
         plain = model(ids).logits
     torch.testing.assert_close(steered, manual)
@@ -453,12 +458,7 @@ def test_projection_modes_equal_their_formula_applied_by_hand(engine, model, sae
         cap = strength * scale[3] * sae.W_dec[3].norm()
         return out + (along.clamp(max=cap) - along)[..., None] * unit
 
-    handle = model.get_submodule(HOOKPOINT).register_forward_hook(by_hand)
-    try:
-        with torch.no_grad():
-            manual = model(ids).logits
-    finally:
-        handle.remove()
+    manual = _logits_with_hook(model, ids, by_hand)
     with torch.no_grad():
         plain = model(ids).logits
     torch.testing.assert_close(steered, manual)

@@ -4,6 +4,8 @@ vLLM backend would use (``steering.interp_specs``)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -37,20 +39,12 @@ def _theirs(session, model, ids, edits):
     scales = session.engine.feature_scale
     spec = steering_spec(edits, 1.0, session.sae, scales, session.hookpoint)
     steps = []
-    context = ie.steer(model, spec) if spec is not None else _null()
+    context = ie.steer(model, spec) if spec is not None else contextlib.nullcontext()
     with context:
         for step in ie.generate_stream(model, ids, max_tokens=GREEDY.max_new_tokens, temperature=0.0):
             steps.append(step.token_id)
     eos = set(session.engine.eos_ids)
     return [t for t in steps if t not in eos]
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize("edits", CASES, ids=lambda e: "+".join(f"{x.mode}{x.feature}" for x in e) or "none")
