@@ -92,9 +92,9 @@ def load_shared(args: argparse.Namespace):
     """Bundle, model, SAE, engine: everything the sessions share."""
     from build_map.bundle.read import load_bundle
     from build_map.common.memory import limit_malloc_arenas
-    from build_map.steering.reply_features import ReplyFeatures
     from build_map.steering.requests import BatchingConfig
     from build_map.steering.session import backend_generator, load_parts, make_engine
+    from build_map.steering.text_features import TextFeatures
     from explorer.ui.app import SharedState
 
     trim = not getattr(args, "no_memory_trim", False)
@@ -113,7 +113,7 @@ def load_shared(args: argparse.Namespace):
     title = f"SAE feature explorer — {bundle.path.name}"
     history = getattr(args, "history_tokens", None)
     chat = {} if history is None else {"history_tokens": history or None}
-    return SharedState(bundle, engine, ReplyFeatures(engine, bundle), title=title, **chat)
+    return SharedState(bundle, engine, TextFeatures(engine, bundle), title=title, **chat)
 
 
 def serve(args: argparse.Namespace) -> int:

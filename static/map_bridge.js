@@ -24,6 +24,7 @@
     search: [255, 120, 0],
     reply: [130, 80, 223],
     attribution: [31, 136, 61],
+    meaning: [0, 120, 212],
   };
   const DEFAULT_COLOUR = [255, 120, 0];
 

@@ -27,21 +27,24 @@ from build_map.labels.text import MAX_LABEL_CHARS, clean_label
 from build_map.steering.click import click_strength, is_calibrated
 from build_map.steering.engine import SteeringEngine
 from build_map.steering.links import DeepLink, open_link
-from build_map.steering.reply_features import ReplyFeatures
 from build_map.steering.requests import DEFAULT_MODE, Edit, SamplingConfig
+from build_map.steering.text_features import TextFeatures
 from explorer.ui.attribution_panel import AttributionPanel
+from explorer.ui.background import Background
 from explorer.ui.chat import HISTORY_TOKENS, ChatPanel
 from explorer.ui.components import LinkedHTML, MapView
 from explorer.ui.edits import EditsPanel
 from explorer.ui.html import (
     CSS,
     SORTS,
+    SPECIFIC_UNIT,
     esc,
     feature_link,
     feature_name,
     muted,
     notice,
     render_card,
+    render_chips,
     sort_features,
 )
 from explorer.ui.recipe_panel import RecipePanel, Settings
@@ -60,7 +63,8 @@ MAP_ROUTE = "bundle"
 
 WELCOME = (
     '<div class="card"><h3>Pick a feature</h3><p class="muted">Click a point on the map, search the '
-    "labels above, or click a feature under a chat reply.</p></div>"
+    "labels above (Enter or “By meaning”: the features the model reads in your text), or click a "
+    "feature under a chat reply.</p></div>"
 )
 UNITS = (
     '<span class="muted">Strength is in multiples of the feature\'s max activation (1 = as strong as '
@@ -76,7 +80,7 @@ class SharedState:
 
     bundle: Bundle
     engine: SteeringEngine
-    reply_features: ReplyFeatures | None = None
+    text_features: TextFeatures | None = None
     map_url: str = f"/{MAP_ROUTE}/map.html"
     title: str = "SAE feature explorer"
     history_tokens: int | None = HISTORY_TOKENS
@@ -98,6 +102,18 @@ def _search_html(bundle: Bundle, query: str, matches: list[int], by: str = "rele
     return f'{count}<div class="search-results">{shown}</div>{more}'
 
 
+def _meaning_html(bundle: Bundle, query: str, scored: list[tuple[int, float]], left_out: int) -> str:
+    """Most specific first whatever the sort: the order is the answer (sorting the top 30 by
+    steerability would bury "weather" under "If" for "the weather is cold")."""
+    if not scored:
+        return muted(f"No feature of this SAE is active on “{query.strip()}”.")
+    chips = render_chips(bundle, scored, "By meaning", unit=SPECIFIC_UNIT)
+    note = "most specific first; × = times the feature's usual activation, read by the model"
+    if left_out:
+        note += f"; the last {left_out} tokens were left out"
+    return f"{chips}{muted(note + '.')}"
+
+
 class ExplorerSession:
     """Everything one browser session sees and owns."""
 
@@ -116,8 +132,17 @@ class ExplorerSession:
         )  # fmt: skip
         self.label_save = pn.widgets.Button(label="Save label", disabled=True, width=100)
         self.label_hint = pn.pane.HTML("", stylesheets=[CSS], sizing_mode="stretch_width", margin=(0, 5))
-        self.search = pn.widgets.TextInput(placeholder="Search feature labels…", sizing_mode="stretch_width")
+        self.search = pn.widgets.TextInput(
+            placeholder="Search labels; Enter: by meaning…", sizing_mode="stretch_width"
+        )
         self.search_results = LinkedHTML(html="", sizing_mode="stretch_width")
+        self.meaning_button = pn.widgets.Button(
+            label="By meaning", width=100, disabled=shared.text_features is None,
+            description="List the features the model reads in this text, most specific first",
+        )  # fmt: skip
+        self.meaning_results = LinkedHTML(html="", sizing_mode="stretch_width")
+        self.meaning_worker = Background("meaning-search")
+        self._meaning_query = ""  # the newest query: an older one's answer is dropped
         self.sort_by = pn.widgets.RadioButtonGroup(
             options=list(SORTS), value="steerability" if self.bundle.probed else "relevance",
             color="light", description="Order of search results and of a reply's features",
@@ -128,7 +153,7 @@ class ExplorerSession:
             self.engine,
             self.bundle,
             self.edits.current,
-            shared.reply_features,
+            shared.text_features,
             sort_by=lambda: self.sort_by.value,
             history_tokens=shared.history_tokens,
             on_reply_features=lambda features: self.map.highlight("reply", features),
@@ -148,12 +173,21 @@ class ExplorerSession:
 
     def _wire(self) -> None:
         self.map.param.watch(lambda event: self.select(event.new), "selected")
-        for source in (self.card, self.search_results, self.edits, self.chat, self.attribution):
+        for source in (
+            self.card,
+            self.search_results,
+            self.meaning_results,
+            self.edits,
+            self.chat,
+            self.attribution,
+        ):
             source.param.watch(lambda event: self.select(event.new, focus=True), "clicked")
         self.add_button.on_click(lambda event: self.add_selected())
         self.label_save.on_click(lambda event: self.save_label())
         self.label_input.param.watch(lambda event: self.save_label(), "enter_pressed")
         self.search.param.watch(lambda event: self.run_search(event.new), "value_input")
+        self.search.param.watch(lambda event: self.search_meaning(self.search.value_input), "enter_pressed")
+        self.meaning_button.on_click(lambda event: self.search_meaning(self.search.value_input))
         self.sort_by.param.watch(lambda event: self.run_search(self.search.value_input), "value")
         self.edits.param.watch(lambda event: self._update_add_button(), "count")
         self.chat.clear_button.on_click(lambda event: self.attribution.clear())
@@ -215,6 +249,40 @@ class ExplorerSession:
         self.search_results.html = _search_html(self.bundle, query or "", matches, self.sort_by.value)
         self.map.highlight("search", matches[:MAX_SEARCH_HIGHLIGHT])
         return matches
+
+    def search_meaning(self, query: str | None) -> None:
+        """List (and light on the map) the features most specific to ``query`` as the model reads it
+        (``TextFeatures.on_text``), in a worker thread; a newer query replaces an older one."""
+        reader = self.shared.text_features
+        query = (query or "").strip()
+        self._meaning_query = query
+        if reader is None or not query:
+            self.meaning_results.html = ""
+            self.map.highlight("meaning", [])
+            return
+        self.meaning_results.html = muted(f"Reading “{query}”…")
+        self.meaning_button.disabled = True
+        self.meaning_worker.capture()
+        self.meaning_worker.spawn(self._read_meaning, reader, query)
+
+    def _read_meaning(self, reader: TextFeatures, query: str) -> None:
+        try:
+            scored, left_out = reader.on_text(query, N_SEARCH_RESULTS)
+        except Exception as exc:  # shown where the results would be, never a quiet stop
+            logger.exception("Search by meaning failed")
+            error = notice("error", f"Could not read the text: {type(exc).__name__}: {exc}")
+            self.meaning_worker.call(self._show_meaning, query, None, error)
+            return
+        self.meaning_worker.call(self._show_meaning, query, (query, scored, left_out), "")
+
+    def _show_meaning(
+        self, query: str, found: tuple[str, list[tuple[int, float]], int] | None, error: str
+    ) -> None:
+        self.meaning_button.disabled = self.shared.text_features is None
+        if query != self._meaning_query:
+            return
+        self.meaning_results.html = error or _meaning_html(self.bundle, *found)
+        self.map.highlight("meaning", [f for f, _ in found[1]] if found else [])
 
     def apply_deep_link(self, args: Mapping[str, Sequence[str | bytes]]) -> DeepLink:
         link = open_link(args, self.bundle, self.engine.limits)
@@ -327,13 +395,14 @@ class ExplorerSession:
     def _feature_column(self) -> pn.Column:
         return pn.Column(
             self._header(),
-            self.search,
+            pn.Row(self.search, self.meaning_button, sizing_mode="stretch_width"),
             pn.Row(
                 pn.pane.HTML('<span class="muted">sort by</span>', stylesheets=[CSS], margin=(8, 5)),
                 self.sort_by,
                 sizing_mode="stretch_width",
             ),  # fmt: skip
             self.search_results,
+            self.meaning_results,
             self.notice,
             pn.Row(self.add_button, self.add_hint, sizing_mode="stretch_width"),
             pn.Row(self.label_input, self.label_save, sizing_mode="stretch_width"),

@@ -9,7 +9,7 @@ Threads. ``send`` (a button callback, on the session's thread) validates and sub
 requests, then one worker thread per request reads its stream; every UI change goes back to the
 session's thread through ``explorer.ui.background``.
 
-After a reply, the features most active on it (``build_map.steering.reply_features``) are listed
+After a reply, the features most active on it (``build_map.steering.text_features``, most specific first) are listed
 as chips (click to select) and passed to ``on_reply_features`` (the app lights them up on the map).
 """
 
@@ -28,7 +28,6 @@ import param
 from build_map.bundle.read import Bundle
 from build_map.steering.engine import SteeringEngine
 from build_map.steering.history import recent_turns
-from build_map.steering.reply_features import ReplyFeatures
 from build_map.steering.requests import (
     DEFAULT_SCOPE,
     Edit,
@@ -38,9 +37,10 @@ from build_map.steering.requests import (
     SteeringScope,
 )
 from build_map.steering.streaming import GenerationStream
+from build_map.steering.text_features import TextFeatures
 from explorer.ui.background import Background
 from explorer.ui.components import LinkedHTML, set_or_trigger
-from explorer.ui.html import CSS, message_html, muted, notice, render_chips
+from explorer.ui.html import CSS, SPECIFIC_UNIT, message_html, muted, notice, render_chips
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class ChatPanel(param.Parameterized):
         engine: SteeringEngine,
         bundle: Bundle,
         get_edits: Callable[[], tuple[list[Edit], float]],
-        reply_features: ReplyFeatures | None = None,
+        text_features: TextFeatures | None = None,
         on_reply_features: Callable[[list[int]], None] | None = None,
         on_turn_done: Callable[[ReplyColumn, list[Edit], float], None] | None = None,
         sort_by: Callable[[], str] = lambda: "relevance",
@@ -116,7 +116,7 @@ class ChatPanel(param.Parameterized):
         self.engine, self.bundle = engine, bundle
         self.history_tokens = history_tokens  # prompt tokens a reply sees at most (oldest turns go)
         self.get_edits = get_edits
-        self.reply_features = reply_features
+        self.text_features = text_features
         self.on_reply_features = on_reply_features
         self.on_turn_done = on_turn_done  # (last column, its edits, multiplier) after a turn ends
         self.sort_by = sort_by  # the order of the reply-feature chips (explorer.ui.html.SORTS)
@@ -344,18 +344,20 @@ class ChatPanel(param.Parameterized):
             finished()
 
     def _score(self, rows: dict[int, ReplyColumn]) -> None:
-        if self.reply_features is None:
+        if self.text_features is None:
             return
         for column in rows.values():
             if not column.text.strip() or column.status == "error":
                 continue
             try:
-                column.features = self.reply_features.top(column.messages, column.text)
+                column.features = self.text_features.on_reply(column.messages, column.text)
             except Exception as exc:
                 logger.exception("Could not read the features of a reply")
                 self.background.call(self._show_error, column, f"Could not read the reply's features: {exc}")
                 continue
-            chips = render_chips(self.bundle, column.features, "Most active on this reply", self.sort_by())
+            chips = render_chips(
+                self.bundle, column.features, "Most active on this reply", self.sort_by(), unit=SPECIFIC_UNIT
+            )
             self.background.call(setattr, column.chips, "html", chips)
 
     # ------------------------------------------------------------ UI updates (session thread)

@@ -225,21 +225,37 @@ def sort_features(bundle: Bundle, features: Sequence[int], by: str) -> list[int]
 
 
 def render_chips(
-    bundle: Bundle, scored: Sequence[tuple[int, float]], title: str = "Active features", by: str = "relevance"
+    bundle: Bundle,
+    scored: Sequence[tuple[int, float]],
+    title: str = "Active features",
+    by: str = "relevance",
+    unit: str = "",
 ) -> str:
-    """Feature chips (click to select) with a score each, e.g. the features most active on a reply;
-    ``by``: see ``sort_features``."""
+    """Feature chips (click to select) with a score each (followed by ``unit``), e.g. the features
+    most specific to a reply; ``by``: see ``sort_features``."""
     if not scored:
         return ""
     score_of = dict(scored)
     order = sort_features(bundle, [f for f, _ in scored], by)
     chips = "".join(
         feature_link(
-            bundle, f, "chip", f' <span class="score">{score_of[f]:.2g}</span>{_steer_mark(bundle, f, by)}'
+            bundle,
+            f,
+            "chip",
+            f' <span class="score">{_score(score_of[f])}{esc(unit)}</span>{_steer_mark(bundle, f, by)}',
         )
         for f in order
     )
     return f'<div class="chips"><span class="chips-title">{esc(title)}</span>{chips}</div>'
+
+
+def _score(value: float) -> str:
+    """2 significant digits, whole numbers from 100 up ("1,300", not "1.3e+03")."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2g}"
+
+
+SPECIFIC_UNIT = "×"
+"""After a specificity score (``build_map.steering.text_features``): N× the feature's usual level."""
 
 
 def _steer_mark(bundle: Bundle, feature: int, by: str) -> str:

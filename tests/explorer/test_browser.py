@@ -153,6 +153,17 @@ def _send_and_time_first_steered_token(page, text: str, turn: int) -> float:
     return token_ms
 
 
+def _first_chip_selects_its_feature(page) -> None:
+    chip = page.locator(".chips .chip").first
+    chip_feature = chip.get_attribute("data-feature")
+    chip.click()
+    page.wait_for_function(
+        "(fid) => { const h = window.__deepAll('.card .fid')[0]; return h && h.textContent === fid; }",
+        arg=f"#{chip_feature}",
+        timeout=30_000,
+    )
+
+
 def test_click_add_chat_offline(server):
     with offline_browser() as browser:
         page, frame = _open(browser, server)
@@ -184,15 +195,7 @@ def test_click_add_chat_offline(server):
         page.wait_for_timeout(300)
         page.screenshot(path=str(SCREENSHOT))
 
-        # A chip selects its feature.
-        chip = page.locator(".chips .chip").first
-        chip_feature = chip.get_attribute("data-feature")
-        chip.click()
-        page.wait_for_function(
-            "(fid) => { const h = window.__deepAll('.card .fid')[0]; return h && h.textContent === fid; }",
-            arg=f"#{chip_feature}",
-            timeout=30_000,
-        )
+        _first_chip_selects_its_feature(page)
 
         warm_ms = _send_and_time_first_steered_token(page, "and then?", turn=2)
         print(
@@ -224,6 +227,25 @@ def test_sessions_are_separate_and_deep_links_work(server):
         )
         assert page.locator("textarea").input_value() == ""
         assert browser.blocked == [], f"outside requests attempted: {browser.blocked}"
+
+
+def test_search_by_meaning_lists_and_lights_features(server):
+    """Enter in the search box: the model reads the text, its most specific features are listed
+    (clickable) and lit on the map."""
+    with offline_browser() as browser:
+        page, frame = _open(browser, server)
+        box = page.get_by_placeholder("Search labels; Enter: by meaning…")
+        box.fill("the river runs under the old bridge")
+        box.press("Enter")
+        page.wait_for_function(
+            "() => window.__deepAll('.chips-title').some((el) => el.textContent === 'By meaning')"
+            " && window.__deepAll('.chips .chip').length > 0",
+            timeout=60_000,
+        )
+        frame.wait_for_function("() => window.saeMap.marked().length > 0", timeout=30_000)
+        _first_chip_selects_its_feature(page)
+        errors = [line for line in browser.console if line.startswith("pageerror")]
+        assert errors == [] and browser.blocked == []
 
 
 def test_requests_for_another_host_are_refused(server):

@@ -113,6 +113,46 @@ def test_search_is_case_insensitive_and_highlights(session):
     assert session.map.highlights["search"] == []
 
 
+def test_search_by_meaning_lists_and_lights_the_features_the_text_carries(session):
+    import re
+
+    text = "the river runs under the old bridge"
+    expected, _ = session.shared.text_features.on_text(text, 30)
+    session.search.value_input = text
+    session.sort_by.value = "steerability"  # the answer keeps its own order: most specific first
+    session.search_meaning(text)
+    session.meaning_worker.wait()
+    listed = [int(f) for f in re.findall(r'data-feature="(\d+)"', session.meaning_results.html)]
+    assert listed == [f for f, _ in expected] and "By meaning" in session.meaning_results.html
+    assert session.map.highlights["meaning"] == listed
+    assert "usual activation" in session.meaning_results.html
+    session.meaning_results.clicked = listed[0]  # a chip selects its feature
+    assert session.selected == listed[0]
+    session.search_meaning("")
+    assert session.meaning_results.html == "" and session.map.highlights["meaning"] == []
+
+
+def test_search_by_meaning_shows_only_the_newest_query_and_failures(session, monkeypatch):
+    reader = session.shared.text_features
+    session.search_meaning("first text")
+    session._meaning_query = "a newer text"  # typed and sent while the first was read
+    session.meaning_worker.wait()
+    assert "Reading" in session.meaning_results.html  # the older answer is dropped
+    assert not session.meaning_button.disabled
+
+    def broken(text, n):
+        raise RuntimeError("the model is gone")
+
+    monkeypatch.setattr(reader, "on_text", broken)
+    session.search_meaning("<b>any</b>")
+    session.meaning_worker.wait()
+    assert (
+        "Could not read the text" in session.meaning_results.html
+        and "the model is gone" in session.meaning_results.html
+    )
+    assert "<b>any</b>" not in session.meaning_results.html
+
+
 def test_search_results_and_reply_features_sort_by_steerability(session):
     import re
 
