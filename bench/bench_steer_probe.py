@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from build_map.steering.requests import Edit, SteeringScope  # noqa: E402
+from build_map.steering.requests import Edit, SamplingConfig, SteeringScope  # noqa: E402
 from build_map.steering.session import open_bundle  # noqa: E402
 from build_map.steering.sweep import DEFAULT_PROMPTS, generate_rows, reread  # noqa: E402
 
@@ -139,6 +139,26 @@ def measure(session, features: pd.DataFrame, ids: list[int], prompts, tokens: in
     return frame
 
 
+def sampled_reference(session, prompts, tokens: int, seeds: int = 4, temperature: float = 0.7) -> float:
+    """Median coherence "drop" of *unsteered* replies sampled at ``temperature`` (the chat's default)
+    against the greedy ones: what any fluent reply that differs from the greedy one costs under the
+    same measure, the floor a steered reply is compared with."""
+    engine = session.engine
+    prompt_ids = [engine.prompt_ids(p) for p in prompts]
+    greedy, _ = generate_rows(engine, prompt_ids, [[] for _ in prompt_ids], tokens)
+    sampled = [
+        engine.encode(
+            session.generate(p, [], SamplingConfig(temperature=temperature, max_new_tokens=tokens, seed=s))
+        )
+        for s in range(seeds)
+        for p in prompts
+    ]
+    rows = prompt_ids * seeds
+    _, base = reread(engine, prompt_ids, greedy, [0])
+    _, other = reread(engine, rows, sampled, [0])
+    return float(np.nanmedian([base[i % len(prompts)] - c for i, c in enumerate(other)]))
+
+
 def report(name: str, frame: pd.DataFrame) -> None:
     print(
         f"{name}: {len(frame)} features; steer visibly {100 * frame['visible'].mean():.0f}% "
@@ -184,6 +204,9 @@ def main() -> None:
           f"probe: {probe.get('n_probed')} features in {probe.get('seconds')} s "
           f"({probe.get('positions_per_second')} positions/s)")  # fmt: skip
     scope = SteeringScope(prompt=args.scope == "prompt")
+    reference = sampled_reference(session, prompts, args.tokens)
+    print(f"reference: unsteered replies sampled at temperature 0.7 (4 seeds) cost {reference:.2f} nats/token "
+          "against the greedy ones")  # fmt: skip
     dumped = []
     for factor in (float(x) for x in args.multipliers.split(",")):
         started = time.perf_counter()

@@ -84,7 +84,7 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "demo", parents=[common_options()], help="the embedded default end to end (cached), optionally served",
-        description="Train (or reuse) the demo SAE on SmolLM2-135M-Instruct's middle layer, build its bundle "
+        description="Train (or reuse) the demo SAE on layer 22 of SmolLM2-135M-Instruct, build its bundle "
         "into the cache (or --out), and with --serve start the explorer on it.",
     )  # fmt: skip
     parser.add_argument("--out", default=None, help="bundle folder (default: in the user cache, reused)")

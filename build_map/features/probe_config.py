@@ -53,13 +53,15 @@ class ProbeConfig:
     token j + 1). Each is probed on its own, everything before it unsteered in the cache: the
     reply's start says how a feature opens a reply, a position mid-sentence which words it
     writes (the start alone lists mostly "I", "The", "Sure")."""
-    clear_kl: float = 0.5
+    clear_kl: float = 0.25
     """KL (nats) at which a strength's effect counts as clear. Set on the dev prompts and features
-    of ``bench/bench_steer_probe.py --dev`` (never the bench's); the figures are in
-    docs/ARCHITECTURE.md, "One click must steer"."""
+    of ``bench/bench_steer_probe.py --dev`` (never the bench's) for the layer-22 demo SAE: one grid
+    step below the 0.5 rule (KL grows with the square of the strength) kept half the random
+    features visible at a coherence drop within 0.6; the figures are in docs/ARCHITECTURE.md,
+    "One click must steer"."""
     collapse_kl: float = 4.0
     """KL (nats) above which the distribution counts as collapsed."""
-    target_kl: float = 0.65
+    target_kl: float = 0.33
     """Where the search aims: a little above clear_kl, so the smallest clear strength is tested."""
     start_strength: float = 2.0
     """First strength tested for every feature (a grid value)."""
