@@ -2,12 +2,13 @@
 
 For seeded random live features of a bundle (default: the cached demo bundle), one of each
 feature's *quantile* examples (its ordinary firings, not its top ones) is turned back into text and
-read by the model like a typed search. Where does the feature itself rank among all features?
+read exactly as the search box reads it (``TextFeatures.read_text``: a user message). Where does the
+feature itself rank among all features? Two rankings of the same activations:
 
-* ``specific`` (shipped, ``steering.text_features``): mean activation / the feature's usual level
+* ``specific`` (shipped, ``TextFeatures.specificity``): mean activation / the feature's usual level
   (density × mean act);
-* ``activation / max`` (the reply ranking before): sum of activation / max activation, where
-  features that fire on nearly every token lead every list.
+* ``activation / max`` (the reply ranking before): activation / max activation, where features
+  that fire on nearly every token lead every list.
 
 Printed per ranking: median rank, share in the top 8 / top 30 (what the explorer lists), mean
 reciprocal rank, and the ratio of the two medians.
@@ -27,9 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from build_map.lm.capture import cut_forward  # noqa: E402
 from build_map.steering.session import open_bundle  # noqa: E402
-from build_map.steering.text_features import usual_levels  # noqa: E402
+from build_map.steering.text_features import TextFeatures  # noqa: E402
 
 
 def _rank(score: torch.Tensor, feature: int) -> int:
@@ -47,10 +47,10 @@ def main() -> int:
 
         args.bundle = demo_bundle()[0]
     with open_bundle(args.bundle) as session:
-        bundle, engine, sae = session.bundle, session.engine, session.sae
-        levels = usual_levels(bundle)
+        bundle = session.bundle
+        reader = TextFeatures(session.engine, bundle)
         max_act = torch.as_tensor(bundle.features["max_act"].to_numpy(float)).clamp_min(1e-6)
-        excluded = levels <= 0
+        excluded = reader.levels <= 0
         examples = bundle.examples[bundle.examples["bucket"] != "top"]
         rng = np.random.default_rng(args.seed)
         live = np.flatnonzero(~excluded.numpy())
@@ -61,12 +61,11 @@ def main() -> int:
             if rows.empty:
                 continue
             text = "".join(rows.iloc[int(rng.integers(len(rows)))]["tokens"])
-            ids = engine.encode(text)
-            hidden = cut_forward(engine.model, engine.hookpoint, torch.tensor([ids]))[0, 1:]  # not position 0
-            with torch.inference_mode():
-                acts = sae.encode(hidden.to(sae.W_dec.dtype)).double()
-            specific = torch.where(excluded, torch.zeros(()), acts.mean(0) / levels.clamp_min(1e-30))
-            raw = torch.where(excluded, torch.zeros(()), (acts / max_act).sum(0))
+            mean, _ = reader.read_text(text)
+            if mean is None:
+                continue
+            specific = reader.specificity(mean)
+            raw = torch.where(excluded, torch.zeros(()), mean / max_act)
             ranks["specific (shipped)"].append(_rank(specific, int(feature)))
             ranks["activation / max (before)"].append(_rank(raw, int(feature)))
         seconds = time.perf_counter() - start

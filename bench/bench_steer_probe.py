@@ -154,6 +154,7 @@ def sampled_reference(session, prompts, tokens: int, seeds: int = 4, temperature
         for p in prompts
     ]
     rows = prompt_ids * seeds
+    # reread measures features' effects too; one placeholder feature, only the coherence is used
     _, base = reread(engine, prompt_ids, greedy, [0])
     _, other = reread(engine, rows, sampled, [0])
     return float(np.nanmedian([base[i % len(prompts)] - c for i, c in enumerate(other)]))

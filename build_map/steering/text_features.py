@@ -6,9 +6,9 @@ Both are ranked by *specificity*: a feature's activation relative to its usual l
 ``density × mean_act`` (the expected activation per token, from the bundle's statistics). A raw
 activation ranking puts the features that fire on nearly every token (',', 'I', the chat template)
 at the top of every list; relative to their usual level they score about 1×, while a feature that
-rarely fires scores high where it does. On 284 demo features, reading one of each feature's
-quantile examples back, the feature itself ranked at a median of 80 of 4,541 this way against 208
-by activation / max activation (the ranking before; ``docs/ARCHITECTURE.md``, "Search by meaning").
+rarely fires scores high where it does. On 263 demo features, reading one of each feature's
+quantile examples back as a search, the feature itself ranks at a median of 122 of 4,517 this way
+against 234 by activation / max activation (the ranking before; ``bench/bench_meaning_search.py``).
 """
 
 from __future__ import annotations
@@ -63,23 +63,40 @@ class TextFeatures:
         reply_ids = self.engine.encode(reply)
         if not reply_ids:
             return []
-        return self._rank(prompt_ids + reply_ids, len(prompt_ids), len(reply_ids), n)
+        return self.top(self._mean_activations(prompt_ids + reply_ids, len(prompt_ids), len(reply_ids)), n)
 
     def on_text(self, text: str, n: int) -> tuple[list[tuple[int, float]], int]:
-        """The ``n`` most specific features of ``text`` read as a user's chat message (the setting the
-        SAE's corpus is in), and how many of its tokens were left out (over ``MAX_QUERY_TOKENS``)."""
+        """The ``n`` most specific features of ``text`` (``read_text``), and how many of its tokens
+        were left out."""
+        mean, left_out = self.read_text(text)
+        return (self.top(mean, n) if mean is not None else []), left_out
+
+    def read_text(self, text: str) -> tuple[torch.Tensor | None, int]:
+        """Each feature's mean activation (d_sae,) over ``text`` read as a user's chat message (the
+        setting the SAE's corpus is in), None for no tokens; and how many tokens were left out
+        (over ``MAX_QUERY_TOKENS``)."""
         content = self.engine.encode(text)
         if not content:
-            return [], 0
+            return None, 0
         kept = content[:MAX_QUERY_TOKENS]
         message = text if len(kept) == len(content) else self.engine.decode(kept)
         ids = self.engine.prompt_ids([{"role": "user", "content": message}])
         start = _find(ids, kept)
         if start is None:  # the template merged a token at the edge: read the text on its own
             ids, start = kept, 0
-        return self._rank(ids, start, len(kept), n), len(content) - len(kept)
+        return self._mean_activations(ids, start, len(kept)), len(content) - len(kept)
 
-    def _rank(self, ids: list[int], start: int, length: int, n: int) -> list[tuple[int, float]]:
+    def specificity(self, mean: torch.Tensor) -> torch.Tensor:
+        """Mean activations (d_sae,) as multiples of each feature's usual level; 0 where unmeasured."""
+        return torch.where(self.levels > 0, mean / self.levels.clamp_min(1e-30), torch.zeros(()))
+
+    def top(self, mean: torch.Tensor, n: int) -> list[tuple[int, float]]:
+        """[(feature, specificity)] of the ``n`` most specific features with a positive score."""
+        values, indices = self.specificity(mean).topk(min(n, mean.shape[0]))
+        return [(int(i), float(v)) for v, i in zip(values, indices, strict=True) if v > 0]
+
+    def _mean_activations(self, ids: list[int], start: int, length: int) -> torch.Tensor:
+        """Mean SAE activation (float64, on the CPU) over positions ``start`` to ``start + length``."""
         hidden = cut_forward(self.engine.model, self.engine.hookpoint, torch.tensor([ids]))[
             0, start : start + length
         ]
@@ -89,10 +106,7 @@ class TextFeatures:
             for at in range(0, hidden.shape[0], _SCORE_CHUNK):
                 chunk = hidden[at : at + _SCORE_CHUNK].to(sae.W_dec.device, sae.W_dec.dtype)
                 total += sae.encode(chunk).double().sum(0).cpu()
-        measured = self.levels > 0
-        score = torch.where(measured, total / length / self.levels.clamp_min(1e-30), torch.zeros(()))
-        values, indices = score.topk(min(n, sae.d_sae))
-        return [(int(i), float(v)) for v, i in zip(values, indices, strict=True) if v > 0]
+        return total / length
 
 
 def _find(ids: list[int], part: list[int]) -> int | None:

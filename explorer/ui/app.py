@@ -273,16 +273,16 @@ class ExplorerSession:
             error = notice("error", f"Could not read the text: {type(exc).__name__}: {exc}")
             self.meaning_worker.call(self._show_meaning, query, None, error)
             return
-        self.meaning_worker.call(self._show_meaning, query, (query, scored, left_out), "")
+        self.meaning_worker.call(self._show_meaning, query, (scored, left_out), "")
 
     def _show_meaning(
-        self, query: str, found: tuple[str, list[tuple[int, float]], int] | None, error: str
+        self, query: str, found: tuple[list[tuple[int, float]], int] | None, error: str
     ) -> None:
         self.meaning_button.disabled = self.shared.text_features is None
         if query != self._meaning_query:
             return
-        self.meaning_results.html = error or _meaning_html(self.bundle, *found)
-        self.map.highlight("meaning", [f for f, _ in found[1]] if found else [])
+        self.meaning_results.html = error or _meaning_html(self.bundle, query, *found)
+        self.map.highlight("meaning", [f for f, _ in found[0]] if found else [])
 
     def apply_deep_link(self, args: Mapping[str, Sequence[str | bytes]]) -> DeepLink:
         link = open_link(args, self.bundle, self.engine.limits)

@@ -9,8 +9,9 @@ Threads. ``send`` (a button callback, on the session's thread) validates and sub
 requests, then one worker thread per request reads its stream; every UI change goes back to the
 session's thread through ``explorer.ui.background``.
 
-After a reply, the features most active on it (``build_map.steering.text_features``, most specific first) are listed
-as chips (click to select) and passed to ``on_reply_features`` (the app lights them up on the map).
+After a reply, the features most active on it (``build_map.steering.text_features``, most specific
+first) are listed as chips (click to select) and passed to ``on_reply_features`` (the app lights
+them up on the map).
 """
 
 from __future__ import annotations

@@ -133,9 +133,20 @@ def test_search_by_meaning_lists_and_lights_the_features_the_text_carries(sessio
 
 
 def test_search_by_meaning_shows_only_the_newest_query_and_failures(session, monkeypatch):
+    import threading
+
     reader = session.shared.text_features
+    newer_sent = threading.Event()
+    read = reader.on_text
+
+    def slow(text, n):  # the first answer arrives only after a newer query was sent
+        newer_sent.wait(30)
+        return read(text, n)
+
+    monkeypatch.setattr(reader, "on_text", slow)
     session.search_meaning("first text")
     session._meaning_query = "a newer text"  # typed and sent while the first was read
+    newer_sent.set()
     session.meaning_worker.wait()
     assert "Reading" in session.meaning_results.html  # the older answer is dropped
     assert not session.meaning_button.disabled
