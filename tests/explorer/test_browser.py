@@ -44,14 +44,19 @@ document.addEventListener('click', () => window.__clicks.push(window.__now()), t
 PICK_POINT_JS = """
 async (skip) => {
   await window.saeMap.ready;
-  const viewport = datamap.deckgl.getViewports()[0];
   const features = datamap.metaData.feature;
-  for (let row = 0; row < features.length; row++) {
-    if (skip.includes(features[row])) continue;
-    const [x, y] = viewport.project([datamap.pointData.x[row], datamap.pointData.y[row]]);
-    if (x < 40 || y < 80 || x > viewport.width - 40 || y > viewport.height - 40) continue;
-    const picked = datamap.deckgl.pickObject({x: x, y: y, radius: 0});
-    if (picked && picked.index === row) return {feature: features[row], x: x, y: y};
+  // Picking reads the last drawn frame: under load (software WebGL) the first frame can come
+  // late, so try again on later frames for up to ~20 s before giving up.
+  for (let attempt = 0; attempt < 200; attempt++) {
+    const viewport = datamap.deckgl.getViewports()[0];
+    for (let row = 0; viewport && row < features.length; row++) {
+      if (skip.includes(features[row])) continue;
+      const [x, y] = viewport.project([datamap.pointData.x[row], datamap.pointData.y[row]]);
+      if (x < 40 || y < 80 || x > viewport.width - 40 || y > viewport.height - 40) continue;
+      const picked = datamap.deckgl.pickObject({x: x, y: y, radius: 0});
+      if (picked && picked.index === row) return {feature: features[row], x: x, y: y};
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100));
   }
   return null;
 }
