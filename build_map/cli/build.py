@@ -28,6 +28,7 @@ def add_build(subparsers: argparse._SubParsersAction) -> None:
     add_config_argument(parser, BuildConfig, "n_tokens", "--tokens", type=count)
     parser.add_argument("--corpus", type=source_list, default=BuildConfig.corpus, help="comma-separated sources: "
                         "chitchat, chatterbot, .jsonl or text files (default: chitchat,chatterbot)")  # fmt: skip
+    add_config_argument(parser, BuildConfig, "activations", "--activations")
     add_config_argument(parser, BuildConfig, "labels", "--labels")
     add_config_argument(parser, BuildConfig, "hide", "--hide")
     add_config_argument(parser, BuildConfig, "labeler", "--labeler")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from build_map.activations.replay import HarvestReplay
 from build_map.features.config import StatsConfig, StatsError
 from build_map.features.examples import choose_examples, example_rows
 from build_map.features.streaming import stream_corpus
@@ -49,16 +50,18 @@ def compute_feature_stats(
     hookpoint: str,
     sequences: Iterable[Sequence[int]],
     cfg: StatsConfig | None = None,
+    replay: HarvestReplay | None = None,
 ) -> FeatureStats:
     """Stream ``sequences`` (token ids, any iterable: ``corpus.token_sequences`` output) through the
-    model and the SAE once, then assemble the feature and example tables."""
+    model and the SAE once, then assemble the feature and example tables. With ``replay`` (the
+    buffer harvested from these sequences) the activations are read from it, not recomputed."""
     cfg = cfg or StatsConfig()
     device = sae.W_dec.device
     hookpoint = normalize_hookpoint(loaded.model, hookpoint)
     check_matches_model(sae, d_model(loaded.model), hookpoint)
     started = time.perf_counter()
     with torch.inference_mode():
-        state, corpus = stream_corpus(loaded, sae, hookpoint, sequences, cfg, device)
+        state, corpus = stream_corpus(loaded, sae, hookpoint, sequences, cfg, device, replay)
         if corpus.n_tokens == 0:
             raise StatsError(
                 "The corpus gave no tokens past the first position of each sequence; pass longer sequences."

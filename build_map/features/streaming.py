@@ -18,9 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from build_map.activations.batches import iter_activation_batches
+from build_map.activations.replay import HarvestReplay
 from build_map.common.devices import model_in_dtype, resolve_compute_dtype
 from build_map.features.config import StatsConfig
 from build_map.lm.models import LoadedModel
+from build_map.lm.tokens import pad_token_id
 from build_map.sae.model import SparseAutoencoder
 
 logger = logging.getLogger(__name__)
@@ -139,8 +141,10 @@ def stream_corpus(
     sequences: Iterable[Sequence[int]],
     cfg: StatsConfig,
     device: torch.device,
+    replay: HarvestReplay | None = None,
 ) -> tuple[StreamState, CorpusIndex]:
-    """Run ``sequences`` through the model (cut at the hookpoint) and the SAE once."""
+    """Run ``sequences`` through the model (cut at the hookpoint), or read them from ``replay``,
+    and through the SAE once."""
     d_sae, offsets = sae.d_sae, window_offsets(cfg, device)
     state = StreamState(
         count=torch.zeros(d_sae, dtype=torch.long, device=device),
@@ -155,9 +159,13 @@ def stream_corpus(
     bar = tqdm(total=cfg.n_tokens, desc="Feature stats", unit="tok", unit_scale=True)
     # A bf16 copy of a float32 model on CPU, as in harvesting (see StatsConfig.compute_dtype).
     with model_in_dtype(loaded.model, resolve_compute_dtype(loaded.model, cfg.compute_dtype)) as model:
-        batches = iter_activation_batches(
-            model, loaded.tokenizer, hookpoint, _recorded(sequences, kept), cfg.batch_tokens
-        )
+        recorded = _recorded(sequences, kept)
+        if replay is None:
+            batches = iter_activation_batches(model, loaded.tokenizer, hookpoint, recorded, cfg.batch_tokens)
+        else:
+            batches = replay.batches(
+                model, pad_token_id(loaded.tokenizer), hookpoint, recorded, cfg.batch_tokens
+            )
         for harvested in batches:
             take = min(int(harvested.acts.shape[0]), cfg.n_tokens - n_seen)
             # The whole batch is encoded (windows may reach past the token budget); only ``take`` count.

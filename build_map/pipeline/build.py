@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from build_map.activations.buffer import ActivationBuffer
+from build_map.activations.replay import HarvestReplay
 from build_map.bundle.schema import MAP_HTML, cluster_columns
 from build_map.bundle.write import check_can_write, write_bundle
 from build_map.features.config import StatsConfig
@@ -56,6 +58,9 @@ class BuildConfig:
     """Corpus tokens for the per-feature statistics."""
     corpus: tuple[str, ...] = ("chitchat", "chatterbot")
     """Corpus sources: chitchat, chatterbot, or .jsonl / text files."""
+    activations: str | None = None
+    """Activation buffer harvested from this corpus (``build-map train --buffer``): the statistics
+    read the activations from it instead of running the model over the corpus again."""
     labels: str | None = None
     """CSV/JSON/Parquet with feature,label; these labels win over automatic ones. The explorer's
     label edits (NAME.labels.csv beside the bundle NAME) are such a file."""
@@ -150,7 +155,9 @@ def build_bundle(cfg: BuildConfig, loaded: LoadedModel | None = None) -> BuildSu
     with stage("statistics"):
         sequences = _sequences(inputs.loaded, corpus, cfg.n_tokens)
         stats_cfg = StatsConfig(n_tokens=cfg.n_tokens, seed=cfg.seed)
-        stats = compute_feature_stats(inputs.loaded, inputs.sae, inputs.hookpoint, sequences, stats_cfg)
+        stats = compute_feature_stats(
+            inputs.loaded, inputs.sae, inputs.hookpoint, sequences, stats_cfg, inputs.replay
+        )
     with stage("labels"):
         features = label_features(stats.features, stats.examples, inputs.imported, cfg.labeler, inputs.loaded)
         features["hidden"] = features["feature"].isin(inputs.hidden)
@@ -206,18 +213,22 @@ class _Inputs:
     hookpoint: str
     imported: pd.Series | None
     hidden: set[int]
+    replay: HarvestReplay | None
+    """The activation buffer the statistics read from (None: they run the model)."""
 
 
 def _load_inputs(cfg: BuildConfig, loaded: LoadedModel | None) -> _Inputs:
     check_sources(CorpusConfig(sources=tuple(cfg.corpus), seed=cfg.seed))  # before anything slow
     sae = load_sae(cfg.sae)  # cheap, so a bad SAE file fails before the model loads
+    buffer = ActivationBuffer.open(cfg.activations) if cfg.activations else None
     loaded = loaded or load_model(cfg.model, device=cfg.device)
     sae = sae.to(loaded.device)
     hookpoint = normalize_hookpoint(loaded.model, cfg.hookpoint or _sae_hookpoint(sae, loaded))
     check_matches_model(sae, d_model(loaded.model), hookpoint, source=cfg.sae)
     imported = read_label_file(cfg.labels, sae.d_sae) if cfg.labels else None
     hidden = read_hide_file(cfg.hide, sae.d_sae) if cfg.hide else set()
-    return _Inputs(loaded, sae, hookpoint, imported, hidden)
+    replay = HarvestReplay(buffer, loaded.spec, hookpoint) if buffer else None
+    return _Inputs(loaded, sae, hookpoint, imported, hidden, replay)
 
 
 def _sae_hookpoint(sae: SparseAutoencoder, loaded: LoadedModel) -> str:

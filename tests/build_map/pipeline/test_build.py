@@ -16,6 +16,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
+from build_map.activations.buffer import HarvestError
 from build_map.bundle.read import load_bundle
 from build_map.bundle.schema import BundleError
 from build_map.labels.files import LabelFileError
@@ -177,6 +178,13 @@ def test_sae_model_mismatch(inputs, tiny_loaded, tmp_path):
         r"d_in 32 does not match the model's hidden size 64",
         _config(folder, tmp_path / "out", sae=str(tmp_path / "narrow")),
     )
+
+
+def test_a_folder_that_is_no_activation_buffer(inputs, tiny_loaded, tmp_path):
+    folder, _ = inputs
+    (tmp_path / "not-a-buffer").mkdir()
+    config = _config(folder, tmp_path / "out", activations=str(tmp_path / "not-a-buffer"))
+    _refused(tmp_path, tiny_loaded, HarvestError, r"holds no activation buffer .*harvest first", config)
 
 
 def test_corrupt_labels_file(inputs, tiny_loaded, tmp_path):
