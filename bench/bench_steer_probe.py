@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from build_map.steering.requests import Edit, SamplingConfig, SteeringScope  # noqa: E402
 from build_map.steering.session import open_bundle  # noqa: E402
 from build_map.steering.sweep import DEFAULT_PROMPTS, generate_rows, reread  # noqa: E402
+from explorer.ui.chat import DEFAULT_PRESENCE_PENALTY  # noqa: E402
 
 BENCH_PROMPTS = (
     "Tell me about your weekend.",
@@ -52,6 +53,7 @@ BENCH_PROMPTS = (
     "What did you have for breakfast?",
 )
 BENCH_SEED, DEV_SEED = 2026, 7
+_LOOP = re.compile(r"(.{3,20}?)\1\1", re.DOTALL)
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 # Function words: a concept word that is one of these ("i", "the", "you") says nothing about the
 # feature, so the stricter count (``content rise``) leaves them out.
@@ -92,8 +94,14 @@ def pick_features(
     return [int(i) for i in random_ids], [int(i) for i in top_ids]
 
 
+def loops(text: str) -> bool:
+    """Whether a reply is stuck in a loop: some piece of 3-20 characters three times in a row
+    ("to-to-to-", "FFFFFFFFF", "food and food and food and")."""
+    return _LOOP.search(text) is not None
+
+
 def measure(session, features: pd.DataFrame, ids: list[int], prompts, tokens: int, factor: float,
-            scope: SteeringScope, batch_rows: int) -> pd.DataFrame:  # fmt: skip
+            scope: SteeringScope, batch_rows: int, presence_penalty: float = 0.0) -> pd.DataFrame:  # fmt: skip
     """One row per feature: changed, effect rise, concept rise, coherence drop at factor × click strength."""
     engine = session.engine
     prompt_ids = [engine.prompt_ids(p) for p in prompts]
@@ -103,8 +111,9 @@ def measure(session, features: pd.DataFrame, ids: list[int], prompts, tokens: in
     edits = [[] if f is None else [Edit(f, min(strengths[f], bound))] for f, _ in rows]
     torch.manual_seed(0)
     replies, _ = generate_rows(
-        engine, [prompt_ids[p] for _, p in rows], edits, tokens, batch_rows, scope=scope
-    )
+        engine, [prompt_ids[p] for _, p in rows], edits, tokens, batch_rows, scope=scope,
+        presence_penalty=presence_penalty,
+    )  # fmt: skip
     unique = sorted(set(ids))
     effects, coherence = reread(engine, [prompt_ids[p] for _, p in rows], replies, unique)
     column = {f: i for i, f in enumerate(unique)}
@@ -123,14 +132,15 @@ def measure(session, features: pd.DataFrame, ids: list[int], prompts, tokens: in
                     concept_share(texts[i], concepts) - concept_share(texts[b], concepts),
                     concept_share(texts[i], concepts, True) - concept_share(texts[b], concepts, True),
                     coherence[b] - coherence[i],
+                    loops(texts[i]),
                 )
             )
-        changed, effect, concept, content, drop = (
+        changed, effect, concept, content, drop, looped = (
             float(np.nanmean(v)) for v in zip(*per_prompt, strict=True)
         )
         out.append({"feature": f, "strength": strengths[f], "steerability": float(features.at[f, "steerability"]),
                     "changed": changed, "effect_rise": effect, "concept_rise": concept, "content_rise": content,
-                    "coherence_drop": drop,
+                    "coherence_drop": drop, "looped": looped,
                     "example": texts[rows.index((f, 0))][:90]})  # fmt: skip
     frame = pd.DataFrame(out)
     frame["visible"] = (frame["changed"] >= 0.5) & (
@@ -167,7 +177,8 @@ def report(name: str, frame: pd.DataFrame) -> None:
         f"{100 * (frame['effect_rise'] >= 0.05).mean():.0f}%, concept share rise ≥ 5 pts "
         f"{100 * (frame['concept_rise'] >= 0.05).mean():.0f}%; content words only "
         f"{100 * (frame['content_rise'] >= 0.05).mean():.0f}%); median coherence drop "
-        f"{frame['coherence_drop'].median():.2f} nats/token; median click strength {frame['strength'].median():.2f}"
+        f"{frame['coherence_drop'].median():.2f} nats/token; replies in a loop {100 * frame['looped'].mean():.0f}%; "
+        f"median click strength {frame['strength'].median():.2f}"
     )
 
 
@@ -188,6 +199,8 @@ def main() -> None:
     parser.add_argument("--scope", choices=("reply", "prompt"), default="reply")
     parser.add_argument("--multipliers", default="1", help="comma-separated factors on every click strength")
     parser.add_argument("--dev", action="store_true", help="tuning set: the sweep's prompts and another seed")
+    parser.add_argument("--presence-penalty", type=float, default=None,
+                        help="the replies' presence penalty (default: the chat's)")  # fmt: skip
     parser.add_argument("--batch-rows", type=int, default=64)
     parser.add_argument("--show", type=int, default=6, help="example replies printed")
     parser.add_argument("--dump", default=None, help="write every feature's measures to this Parquet file")
@@ -208,12 +221,14 @@ def main() -> None:
     reference = sampled_reference(session, prompts, args.tokens)
     print(f"reference: unsteered replies sampled at temperature 0.7 (4 seeds) cost {reference:.2f} nats/token "
           "against the greedy ones")  # fmt: skip
+    penalty = DEFAULT_PRESENCE_PENALTY if args.presence_penalty is None else args.presence_penalty
+    print(f"presence penalty {penalty:g} (steered and unsteered replies alike)")
     dumped = []
     for factor in (float(x) for x in args.multipliers.split(",")):
         started = time.perf_counter()
         ids = list(dict.fromkeys(random_ids + top_ids))
         frame = measure(
-            session, features, ids, prompts, args.tokens, factor, scope, args.batch_rows
+            session, features, ids, prompts, args.tokens, factor, scope, args.batch_rows, penalty
         ).set_index("feature")
         dumped.append(frame.assign(factor=factor, random=frame.index.isin(random_ids)))
         print(f"\n× {factor:g} the click strength ({time.perf_counter() - started:.0f} s)")

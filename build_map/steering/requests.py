@@ -56,6 +56,11 @@ class SamplingConfig:
     """Seed of the row's noise; None draws a fresh one per request (both rows of a pair share it)."""
     min_new_tokens: int = 0
     """End of turn is suppressed before this many tokens (benchmarks use it for fixed lengths)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token the reply has already produced, before the
+    temperature, greedy rows included (vLLM's and interp-engine's presence penalty; the prompt's
+    tokens are not penalised). It breaks the loops a strong edit can cause ("to-to-to…")
+    without growing with the loop, as a frequency penalty would."""
 
 
 @dataclass(frozen=True)

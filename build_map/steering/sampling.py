@@ -20,7 +20,8 @@ from build_map.steering.requests import SamplingConfig
 class RowSampler:
     """Logits processor that samples each row from its own seeded noise (Gumbel-max over the
     temperature/top-p filtered logits) and marks the chosen token +inf, so generate's greedy argmax
-    picks it. Greedy rows are left untouched; min_new_tokens masks end of turn.
+    picks it. Greedy rows are left to that argmax; min_new_tokens masks end of turn. A row's
+    presence penalty comes first, on greedy rows too.
 
     At every step a row draws one uniform per vocabulary entry from a generator seeded with
     ``noise_seed(seed, step)``: rows with the same seed see the same noise on the same token at
@@ -39,10 +40,13 @@ class RowSampler:
         self.prompt_length = prompt_length
         self.eos_ids = list(eos_ids)
         self.sampled = [r for r, cfg in enumerate(self.configs) if cfg.temperature > 0]
+        self.penalized = [r for r, cfg in enumerate(self.configs) if cfg.presence_penalty > 0]
         self.generator: torch.Generator | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.prompt_length
+        if self.penalized and step > 0:
+            self.penalize(input_ids[:, self.prompt_length :], scores)
         early = [r for r, cfg in enumerate(self.configs) if step < cfg.min_new_tokens]
         if early and self.eos_ids:
             early_rows = torch.tensor(early, device=scores.device)[:, None]
@@ -53,6 +57,17 @@ class RowSampler:
             rows = torch.tensor(self.sampled, device=scores.device)
             scores[rows, self.sample(scores[rows], step)] = math.inf
         return scores
+
+    def penalize(self, generated: torch.Tensor, scores: torch.Tensor) -> None:
+        """Subtract each penalized row's presence penalty, in place, once at every token id its
+        reply holds (``generated``: (rows, step) ids after the prompt)."""
+        rows = torch.tensor(self.penalized, device=scores.device)
+        penalty = torch.tensor(
+            [self.configs[r].presence_penalty for r in self.penalized], device=scores.device
+        )
+        seen = torch.zeros((len(self.penalized), scores.shape[-1]), dtype=scores.dtype, device=scores.device)
+        seen.scatter_(1, generated[rows].to(scores.device), 1.0)
+        scores[rows] -= seen * penalty[:, None].to(scores.dtype)
 
     def noise(self, step: int, vocab: int, device: torch.device) -> torch.Tensor:
         """(S, vocab) uniforms of the sampled rows at ``step``."""

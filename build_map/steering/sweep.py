@@ -48,6 +48,7 @@ from build_map.steering.requests import (
     SteeringRequest,
     SteeringScope,
 )
+from build_map.steering.sampling import RowSampler
 from build_map.steering.streaming import StepStreamer
 from build_map.steering.sweep_window import SweepError
 from build_map.steering.validation import feature_id
@@ -169,15 +170,19 @@ def generate_rows(
     batch_rows: int | None = None,
     progress: bool = False,
     scope: SteeringScope = DEFAULT_SCOPE,
+    presence_penalty: float = 0.0,
 ) -> tuple[list[list[int]], list[str]]:
     """Greedy replies (token ids, end of turn excluded) and finish reasons ("eos" / "length"), each
-    row steered with its own edits through the engine's hook, on the positions ``scope`` names."""
+    row steered with its own edits through the engine's hook, on the positions ``scope`` names,
+    with ``presence_penalty`` as in ``SamplingConfig``."""
     size = batch_rows or len(prompt_ids)
     replies: list[list[int]] = []
     finishes: list[str] = []
     for start in range(0, len(prompt_ids), size):
         chunk = slice(start, start + size)
-        new = _generate_chunk(engine, prompt_ids[chunk], row_edits[chunk], max_new_tokens, progress, scope)
+        new = _generate_chunk(
+            engine, prompt_ids[chunk], row_edits[chunk], max_new_tokens, progress, scope, presence_penalty
+        )
         for tokens in new:
             end = next((i for i, t in enumerate(tokens) if t in engine.eos_ids), None)
             replies.append(tokens if end is None else tokens[:end])
@@ -192,10 +197,12 @@ def _generate_chunk(
     max_new_tokens: int,
     progress: bool,
     scope: SteeringScope,
+    presence_penalty: float,
 ) -> list[list[int]]:
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, presence_penalty=presence_penalty)
     if engine.generator is not None:  # another backend generates: one request per row, same arithmetic
-        return _generate_with_backend(engine, prompt_ids, row_edits, max_new_tokens, scope)
-    from transformers import GenerationConfig
+        return _generate_with_backend(engine, prompt_ids, row_edits, greedy, scope)
+    from transformers import GenerationConfig, LogitsProcessorList
 
     model = engine.model
     ids, mask = left_pad(prompt_ids, engine.pad_id)
@@ -205,11 +212,12 @@ def _generate_chunk(
         eos_token_id=engine.eos_ids or None, pad_token_id=engine.pad_id,
     )  # fmt: skip
     streamer = _StepProgress(max_new_tokens, f"sweep: {len(prompt_ids)} rows") if progress else None
+    penalty = RowSampler([greedy] * len(prompt_ids), [0] * len(prompt_ids), ids.shape[1], ())
     try:
         with engine.steered(row_edits, scope=scope, prompts=(ids, mask)), torch.inference_mode():
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                streamer=streamer,
+                streamer=streamer, logits_processor=LogitsProcessorList([penalty] if presence_penalty else []),
             )  # fmt: skip
     finally:
         if streamer is not None:
@@ -217,8 +225,7 @@ def _generate_chunk(
     return out[:, ids.shape[1] :].tolist()
 
 
-def _generate_with_backend(engine, prompt_ids, row_edits, max_new_tokens, scope) -> list[list[int]]:
-    greedy = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+def _generate_with_backend(engine, prompt_ids, row_edits, greedy, scope) -> list[list[int]]:
     handles = [
         engine.submit(SteeringRequest(ids, tuple(edits), greedy, 1.0, scope=scope))
         for ids, edits in zip(prompt_ids, row_edits, strict=True)

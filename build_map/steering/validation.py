@@ -80,6 +80,9 @@ def _edit_problem(
     return None
 
 
+MAX_PRESENCE_PENALTY = 2.0  # OpenAI's and vLLM's upper bound
+
+
 def check_sampling(sampling: SamplingConfig, limits: SteeringLimits) -> None:
     """Raise SteeringError when ``sampling`` is outside what the server allows."""
     if not is_finite_number(sampling.temperature) or not 0 <= sampling.temperature <= limits.max_temperature:
@@ -88,6 +91,13 @@ def check_sampling(sampling: SamplingConfig, limits: SteeringLimits) -> None:
         )
     if not is_finite_number(sampling.top_p) or not 0 < sampling.top_p <= 1:
         raise SteeringError(f"top_p {sampling.top_p!r} must be in (0, 1].")
+    if (
+        not is_finite_number(sampling.presence_penalty)
+        or not 0 <= sampling.presence_penalty <= MAX_PRESENCE_PENALTY
+    ):
+        raise SteeringError(
+            f"presence_penalty {sampling.presence_penalty!r} must be between 0 and {MAX_PRESENCE_PENALTY:g}."
+        )
     if not is_int(sampling.max_new_tokens) or not 1 <= sampling.max_new_tokens <= limits.max_new_tokens:
         raise SteeringError(
             f"max_new_tokens {sampling.max_new_tokens!r} must be between 1 and {limits.max_new_tokens}."

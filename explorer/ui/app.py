@@ -301,6 +301,8 @@ class ExplorerSession:
             self.edits.multiplier.value = float(settings["multiplier"])
         if "temperature" in settings:
             chat.temperature.value = min(float(settings["temperature"]), chat.temperature.end)
+        if "presence_penalty" in settings:
+            chat.presence_penalty.value = float(settings["presence_penalty"])
         if "max_new_tokens" in settings:
             chat.max_new_tokens.value = int(settings["max_new_tokens"])
         if "seed" in settings:
@@ -320,6 +322,7 @@ class ExplorerSession:
         self.edits.multiplier.value = float(multiplier)
         if sampling is not None:
             self.chat.temperature.value = min(float(sampling.temperature), self.chat.temperature.end)
+            self.chat.presence_penalty.value = float(sampling.presence_penalty)
             self.chat.max_new_tokens.value = int(sampling.max_new_tokens)
             self.chat.seed.value = sampling.seed
 

@@ -39,6 +39,7 @@ from build_map.steering.requests import (
 )
 from build_map.steering.streaming import GenerationStream
 from build_map.steering.text_features import TextFeatures
+from build_map.steering.validation import MAX_PRESENCE_PENALTY
 from explorer.ui.background import Background
 from explorer.ui.components import LinkedHTML, set_or_trigger
 from explorer.ui.html import CSS, SPECIFIC_UNIT, message_html, muted, notice, render_chips
@@ -48,6 +49,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_SEED = 0
+# Presence penalty (build_map.steering.requests.SamplingConfig): set from bench/bench_steer_probe.py
+# --presence-penalty on the dev prompts; see docs/ARCHITECTURE.md, "Repetition penalty".
+DEFAULT_PRESENCE_PENALTY = 0.0
 HISTORY_TOKENS = 256
 """Prompt tokens a reply sees at most: the oldest turns are left out beyond it (and the chat says
 so), so a turn's cost stops growing with the conversation. A turn costs about linearly in its
@@ -148,6 +152,10 @@ class ChatPanel(param.Parameterized):
             width=110,
         )
         self.seed = pn.widgets.IntInput(label="Seed", start=0, value=DEFAULT_SEED, width=90)
+        self.presence_penalty = pn.widgets.FloatSlider(
+            label="Repetition penalty", start=0.0, end=MAX_PRESENCE_PENALTY, step=0.1,
+            value=DEFAULT_PRESENCE_PENALTY, width=140,
+        )  # fmt: skip
         self.steer_prompt = pn.widgets.Checkbox(
             label="steer the prompt too", value=DEFAULT_SCOPE.prompt,
         )  # fmt: skip
@@ -176,7 +184,13 @@ class ChatPanel(param.Parameterized):
         self.clear_button.on_click(lambda event: self.clear())
 
     def view(self) -> pn.Column:
-        controls = pn.Row(self.temperature, self.max_new_tokens, self.seed, sizing_mode="stretch_width")
+        controls = pn.Row(
+            self.temperature,
+            self.presence_penalty,
+            self.max_new_tokens,
+            self.seed,
+            sizing_mode="stretch_width",
+        )
         scope = pn.Row(self.steer_prompt, self.steer_special, sizing_mode="stretch_width")
         buttons = pn.Row(
             self.send_button,
@@ -200,6 +214,7 @@ class ChatPanel(param.Parameterized):
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(
             temperature=float(self.temperature.value),
+            presence_penalty=float(self.presence_penalty.value),
             max_new_tokens=int(self.max_new_tokens.value or DEFAULT_MAX_NEW_TOKENS),
             seed=int(self.seed.value) if self.seed.value is not None else None,
         )

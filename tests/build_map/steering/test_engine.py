@@ -21,6 +21,7 @@ from build_map.steering.requests import (
     SteeringScope,
     StreamTimeout,
 )
+from build_map.steering.sampling import RowSampler
 from build_map.steering.streaming import GenerationStream
 from build_map.steering.vectors import BatchSteering, RowSteering, effective_scales, steer_output
 from tests.support.tiny import TINY_D_MODEL, make_tiny_model
@@ -111,6 +112,27 @@ def test_strength_zero_is_exactly_unsteered_greedy(engine, model, tokenizer):
     assert engine.generate(MESSAGES, edits, GREEDY) == expected
     assert engine.generate(MESSAGES, [], GREEDY) == expected
     assert engine.generate(MESSAGES, [Edit(3, 8.0)], GREEDY) != expected
+
+
+def test_presence_penalty_breaks_a_loop_of_greedy_decoding(engine, model, tokenizer):
+    """A strong edit makes the tiny model repeat itself; the penalty, applied on the greedy path,
+    lowers every token the reply already holds, exactly as interp-engine's processor does."""
+    from interp_engine import apply_presence_penalty
+
+    looped = SamplingConfig(temperature=0.0, max_new_tokens=24)
+    edits = [Edit(3, 12.0)]
+    plain = engine.generate(MESSAGES, edits, looped)
+    assert len(set(tokenizer.encode(plain, add_special_tokens=False))) < 12  # a loop to break
+    penalized = SamplingConfig(temperature=0.0, max_new_tokens=24, presence_penalty=2.0)
+    reply = tokenizer.encode(engine.generate(MESSAGES, edits, penalized), add_special_tokens=False)
+    assert len(set(reply)) > len(set(tokenizer.encode(plain, add_special_tokens=False)))
+    # the same arithmetic as interp-engine (the vLLM backend's) presence penalty
+    scores = torch.randn(2, 50)
+    generated = torch.tensor([[5, 5, 7], [1, 2, 3]])
+    sampler = RowSampler([penalized, looped], [0, 0], 4, [])
+    expected = torch.stack([apply_presence_penalty(scores[0], [5, 5, 7], 2.0), scores[1]])
+    out = sampler(torch.cat([torch.zeros(2, 4, dtype=torch.long), generated], 1), scores.clone())
+    torch.testing.assert_close(out, expected)
 
 
 def test_nudge_equals_adding_the_vector_by_hand(engine, model, sae, scale):
@@ -353,6 +375,12 @@ def test_a_dead_worker_is_an_error(engine):
         ([], {"sampling": SamplingConfig(temperature=-1)}, "temperature"),
         ([], {"sampling": SamplingConfig(top_p=0)}, "top_p"),
         ([], {"sampling": SamplingConfig(max_new_tokens=0)}, "max_new_tokens"),
+        (
+            [],
+            {"sampling": SamplingConfig(presence_penalty=-0.5)},
+            "presence_penalty -0.5 must be between 0 and 2",
+        ),
+        ([], {"sampling": SamplingConfig(presence_penalty=float("nan"))}, "presence_penalty nan"),
         ([], {"sampling": SamplingConfig(max_new_tokens=4, min_new_tokens=5)}, "min_new_tokens"),
     ],
 )

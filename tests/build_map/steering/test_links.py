@@ -15,12 +15,12 @@ EDITS = [Edit(3, 2.5, "nudge"), Edit(10, 0.5, "pin")]
 
 
 def test_link_round_trip(tiny_bundle):
-    sampling = SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=64, seed=3)
+    sampling = SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=64, seed=3, presence_penalty=0.5)
     recipe = load_recipe(make_recipe(tiny_bundle, EDITS, 1.5, sampling), tiny_bundle)
     query = recipe_to_query(recipe)
     assert query.startswith("feature=3&strength=2.5&mode=nudge&feature=10&strength=0.5&mode=pin")
     back = recipe_from_query(query, tiny_bundle)
-    assert back == recipe
+    assert "presence_penalty=0.5" in query and back == recipe
     assert recipe_from_query(parse_qs(query), tiny_bundle) == recipe  # parsed form, as servers pass it
 
 

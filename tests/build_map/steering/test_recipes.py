@@ -34,6 +34,13 @@ def test_sampled_recipe_is_reproducible_from_its_seed(tiny_session, tmp_path):
     assert tiny_session.generate(PROMPT) == first
 
 
+def test_a_recipe_from_before_the_presence_penalty_loads_without_one(tiny_bundle):
+    data = make_recipe(tiny_bundle, EDITS)
+    assert data["sampling"]["presence_penalty"] == 0.0
+    del data["sampling"]["presence_penalty"]
+    assert load_recipe(json.dumps(data), tiny_bundle).sampling.presence_penalty == 0.0
+
+
 def test_recipe_for_another_sae_is_refused(tiny_bundle):
     data = make_recipe(tiny_bundle, EDITS)
     data["sae_sha256"] = "ab" * 32
@@ -64,6 +71,7 @@ def test_recipe_for_another_sae_is_refused(tiny_bundle):
         (lambda d: d.update(multiplier=100.0), "beyond"),
         (lambda d: d.update(hookpoint="model.layers.0"), "steers at"),
         (lambda d: d["sampling"].update(top_p=0.0), "top_p"),
+        (lambda d: d["sampling"].update(presence_penalty=5), "presence_penalty 5.0 must be between 0 and 2"),
     ],
 )
 def test_bad_recipes_are_refused_clearly(tiny_bundle, change, message):

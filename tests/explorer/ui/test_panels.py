@@ -30,6 +30,7 @@ def test_save_then_load_recipe_restores_edits_and_sampling(session, explorer_sha
     session.edits.add(Edit(5, -1.25, "nudge"))
     session.edits.multiplier.value = 1.5
     session.chat.temperature.value = 0.3
+    session.chat.presence_penalty.value = 1.2
     session.chat.seed.value = 7
     data = _saved(session)
     assert json.loads(data)["edits"][0] == {"feature": 3, "strength": 0.5, "mode": "pin"}
@@ -40,6 +41,7 @@ def test_save_then_load_recipe_restores_edits_and_sampling(session, explorer_sha
     assert other.recipes.load_bytes(data)
     assert other.edits.current() == expected
     assert other.chat.temperature.value == pytest.approx(0.3)
+    assert other.chat.presence_penalty.value == pytest.approx(1.2)
     assert other.chat.seed.value == 7
     assert "error" not in other.recipes.notice.object
 
@@ -71,6 +73,7 @@ def test_copy_link_parses_back_into_the_same_edits(session, explorer_shared):
     session.edits.add(Edit(3, 0.5, "pin"))
     session.edits.add(Edit(5, -1.25, "nudge"))
     session.edits.multiplier.value = 2.0
+    session.chat.presence_penalty.value = 0.6
     query = session.recipes.update_link()
     assert session.recipes.link.value.endswith("?" + query)
     args = parse_qs(query)
@@ -79,6 +82,7 @@ def test_copy_link_parses_back_into_the_same_edits(session, explorer_shared):
     assert link.edits == session.edits.current()[0]
     other = ExplorerSession(explorer_shared, {k: [v.encode() for v in vs] for k, vs in args.items()})
     assert other.edits.current() == session.edits.current()
+    assert other.chat.presence_penalty.value == pytest.approx(0.6)
     assert other.notice.object == ""
 
 
