@@ -33,16 +33,15 @@ logger = logging.getLogger(__name__)
 # click does"). At similar held-out FVU (0.135 vs 0.123) its random features steered visibly more
 # often (69 % vs 62 %) at a much smaller coherence cost (0.98 vs 1.61 nats/token) at the same rule.
 DEMO_HOOKPOINT = "model.layers.22"
-# 400k tokens seen twice, not 1M once: on a 2-core fp32 CPU the harvest is most of `make demo`
-# (~525 tok/s, 23 of 30 layers), and at a similar held-out FVU (0.141 vs 0.135) the features
-# steered no worse (bench_steer_probe: 59 % of random ones visibly at a 0.68 drop, against 50 % at
-# 0.75); offline label detection fell from 0.395 to 0.374 (bench_labels).
-DEMO_TOKENS = 400_000  # 2% held out leaves 392k training tokens
+# 300k tokens seen three times, not 1M once: on a 2-core fp32 CPU the harvest is most of `make
+# demo` (~460 tok/s at layer 22: 23 of 30 layers). Held-out FVU 0.139 (1M once: 0.135); figures
+# in docs/ARCHITECTURE.md, "The demo SAE sees 300k tokens three times".
+DEMO_TOKENS = 300_000  # 2% held out leaves 294k training tokens
 DEMO_CORPUS = CorpusConfig()
 # "auto": bf16 where the CPU has it natively (~1.6x faster than fp32); elsewhere emulated bf16 is
 # ~8x slower than fp32 (104 tok/s on a 2-core AMD EPYC), so fp32 there.
 DEMO_HARVEST = HarvestConfig(compute_dtype="auto")
-DEMO_TRAIN = TrainConfig(n_latents=4608, k=32, epochs=2)  # 8 × d_model 576
+DEMO_TRAIN = TrainConfig(n_latents=4608, k=32, epochs=3)  # 8 × d_model 576
 _VERSION = "1"  # bump to retrain every cached demo SAE
 DEMO_STATS_TOKENS = 100_000
 _DEMO_BUNDLE_VERSION = "9"  # bump when the builder's output changes, to rebuild cached demo bundles
@@ -77,7 +76,7 @@ def demo_sae(
     """The folder of the demo SAE (native format, loads with ``load_sae``), training it if needed.
 
     Harvest + training take ~6-15 minutes on a 2-core CPU the first time; later calls return the
-    cached folder at once. The ~0.9 GB activation buffer is deleted afterwards unless ``keep_buffer``.
+    cached folder at once. The ~0.7 GB activation buffer is deleted afterwards unless ``keep_buffer``.
     """
     folder = demo_sae_folder()
     if not retrain and (folder / METRICS_FILE).is_file():  # written last: the folder is complete
