@@ -44,9 +44,6 @@ class HarvestReplay:
         self.slots = slots
         """``slots[k]``: where the k-th harvested row is stored."""
 
-    def __len__(self) -> int:
-        return len(self.slots)
-
     def batches(
         self, model: nn.Module, pad_id: int, hookpoint: str, sequences: Iterable[list[int]], batch_tokens: int
     ) -> Iterator[ActivationBatch]:

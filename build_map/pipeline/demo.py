@@ -119,7 +119,9 @@ def demo_bundle(
     statistics read the corpus's activations from it (the harvest covers the statistics' tokens),
     which saves a model pass over them (~3 of the ~8 minutes of a CPU build)."""
     buffer = demo_buffer_folder()
-    kept = _finished(buffer)  # a finished buffer from before was kept on purpose and stays
+    # A finished buffer beside a finished SAE was kept on purpose and stays; any other is this
+    # run's (or an interrupted run's) to delete once the SAE is done.
+    kept = _finished(buffer) and (demo_sae_folder() / METRICS_FILE).is_file()
     try:
         sae_folder = demo_sae(device=device, retrain=retrain, keep_buffer=True)
         folder = Path(out) if out else demo_bundle_folder(sae_folder, n_tokens)

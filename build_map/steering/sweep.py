@@ -212,12 +212,16 @@ def _generate_chunk(
         eos_token_id=engine.eos_ids or None, pad_token_id=engine.pad_id,
     )  # fmt: skip
     streamer = _StepProgress(max_new_tokens, f"sweep: {len(prompt_ids)} rows") if progress else None
-    penalty = RowSampler([greedy] * len(prompt_ids), [0] * len(prompt_ids), ids.shape[1], ())
+    processors = (
+        [RowSampler([greedy] * len(prompt_ids), [0] * len(prompt_ids), ids.shape[1], ())]
+        if presence_penalty
+        else []
+    )
     try:
         with engine.steered(row_edits, scope=scope, prompts=(ids, mask)), torch.inference_mode():
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                streamer=streamer, logits_processor=LogitsProcessorList([penalty] if presence_penalty else []),
+                streamer=streamer, logits_processor=LogitsProcessorList(processors),
             )  # fmt: skip
     finally:
         if streamer is not None:

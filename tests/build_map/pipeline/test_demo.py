@@ -51,9 +51,19 @@ def test_a_fresh_demo_reads_its_harvest_then_deletes_it(cache, tmp_path, monkeyp
 def test_a_kept_buffer_is_read_and_stays(cache, tmp_path, monkeypatch):
     buffer, sae, built = cache
     _finish_buffer(buffer)
-    monkeypatch.setattr(demo, "demo_sae", _training(buffer, sae))
+    sae.mkdir()
+    (sae / METRICS_FILE).write_text("{}")
+    monkeypatch.setattr(demo, "demo_sae", lambda **kwargs: sae)
     demo.demo_bundle(out=tmp_path / "bundle")
     assert built[0].activations == str(buffer) and (buffer / META_FILE).is_file()
+
+
+def test_a_harvest_left_by_an_interrupted_training_is_deleted_once_trained(cache, tmp_path, monkeypatch):
+    buffer, sae, built = cache
+    _finish_buffer(buffer)  # finished, but no SAE beside it: training stopped after the harvest
+    monkeypatch.setattr(demo, "demo_sae", _training(buffer, sae))
+    demo.demo_bundle(out=tmp_path / "bundle")
+    assert built[0].activations == str(buffer) and not buffer.exists()
 
 
 def test_an_interrupted_harvest_stays_to_be_resumed(cache, tmp_path, monkeypatch):
