@@ -184,14 +184,12 @@ class ChatPanel(param.Parameterized):
         self.clear_button.on_click(lambda event: self.clear())
 
     def view(self) -> pn.Column:
-        controls = pn.Row(
-            self.temperature,
-            self.presence_penalty,
-            self.max_new_tokens,
-            self.seed,
-            sizing_mode="stretch_width",
+        controls = pn.Row(self.temperature, self.max_new_tokens, self.seed, sizing_mode="stretch_width")
+        # The penalty shares the row of the other steering switches: a fourth control in the row
+        # above pushed the seed out of the pane.
+        scope = pn.Row(
+            self.presence_penalty, self.steer_prompt, self.steer_special, sizing_mode="stretch_width"
         )
-        scope = pn.Row(self.steer_prompt, self.steer_special, sizing_mode="stretch_width")
         buttons = pn.Row(
             self.send_button,
             self.stop_button,
